@@ -1,0 +1,75 @@
+"""Text decoder: causality, [CLS] at the end, padding invariance, cached decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlrep.data.tokenizer import ByteTokenizer
+from vlrep.models.coca import CoCa, build_model
+from vlrep.step import init_params
+import flax.linen as nn
+
+
+def _model_and_params(config):
+  model = build_model(config)
+  return model, nn.unbox(init_params(model, config, jax.random.key(1)))
+
+
+def _tokens(config, texts):
+  return jnp.asarray(ByteTokenizer().encode(texts, config.data.max_text_len))
+
+
+def test_changing_a_later_token_never_changes_earlier_logits(config):
+  model, params = _model_and_params(config)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3)), jnp.uint8)
+  tokens = _tokens(config, ['two red circles', 'one blue square'])
+  changed = tokens.at[:, 6].set(77)
+  out = model.apply({'params': params}, images, tokens)
+  out_changed = model.apply({'params': params}, images, changed)
+  # caption_logits[:, t] sees tokens[:, :t+1]: positions 0..5 must not move, 6 must.
+  np.testing.assert_allclose(out['caption_logits'][:, :6], out_changed['caption_logits'][:, :6],
+                             atol=1e-6)
+  assert np.abs(out['caption_logits'][:, 6] - out_changed['caption_logits'][:, 6]).max() > 1e-4
+  # ...and the unimodal token features the same way.
+  _, feats = model.apply({'params': params}, tokens, method=CoCa.encode_text)
+  _, feats_changed = model.apply({'params': params}, changed, method=CoCa.encode_text)
+  np.testing.assert_allclose(feats[:, :6], feats_changed[:, :6], atol=1e-6)
+
+
+def test_cls_is_appended_at_the_end_and_reads_the_whole_caption(config):
+  model, params = _model_and_params(config)
+  tokens = _tokens(config, ['two red circles and a square'])
+  emb, feats = model.apply({'params': params}, tokens, method=CoCa.encode_text)
+  assert feats.shape == (1, config.data.max_text_len, config.model.text.width)
+  # The last real token (before EOS) changes the [CLS] embedding: [CLS] comes after it.
+  last = int(np.nonzero(np.asarray(tokens[0]) == 2)[0][0]) - 1
+  emb_changed, _ = model.apply({'params': params}, tokens.at[0, last].set(90),
+                               method=CoCa.encode_text)
+  assert np.abs(emb - emb_changed).max() > 1e-4
+
+
+def test_text_embedding_ignores_padding_length(config):
+  model, params = _model_and_params(config)
+  short = _tokens(config, ['a red shape'])
+  config.data.max_text_len = 20
+  shorter_pad = jnp.asarray(ByteTokenizer().encode(['a red shape'], 20))
+  emb_a, _ = model.apply({'params': params}, short, method=CoCa.encode_text)
+  emb_b, _ = model.apply({'params': params}, shorter_pad, method=CoCa.encode_text)
+  np.testing.assert_allclose(emb_a, emb_b, atol=1e-5)
+
+
+def test_cached_decode_steps_equal_the_full_forward_pass(config):
+  model, params = _model_and_params(config)
+  decoder = build_model(config, decode=True)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3)), jnp.uint8)
+  tokens = _tokens(config, ['two red circles', 'one blue square and a cross'])
+  full = model.apply({'params': params}, images, tokens)['caption_logits']
+  _, context = model.apply({'params': params}, images, method=CoCa.encode_image)
+  from vlrep.decode import init_cache
+  cache = init_cache(decoder, params, context, config.data.max_text_len)
+  for t in range(10):
+    logits, variables = decoder.apply({'params': params, 'cache': cache}, tokens[:, t:t + 1],
+                                      context if t == 0 else None, method=CoCa.decode_step,
+                                      mutable=['cache'])
+    cache = variables['cache']
+    np.testing.assert_allclose(logits, full[:, t], atol=2e-5, rtol=1e-4)

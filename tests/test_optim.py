@@ -1,0 +1,48 @@
+"""Optimizer: schedule values, weight-decay mask, both optimizers step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vlrep import optim
+
+
+def test_warmup_then_cosine_and_linear(config):
+  config.optim.update(learning_rate=1.0, warmup_steps=10, decay='cosine')
+  schedule = optim.learning_rate_schedule(config.optim, total_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.5, abs=1e-6)  # cosine half way
+  assert float(schedule(110)) == pytest.approx(0.0, abs=1e-6)
+  config.optim.decay = 'linear'
+  schedule = optim.learning_rate_schedule(config.optim, total_steps=110)
+  assert float(schedule(35)) == pytest.approx(0.75)
+
+
+def test_weight_decay_skips_biases_norms_and_temperature():
+  params = {'dense': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)},
+            'ln': {'scale': jnp.ones(3)}, 'logit_scale': jnp.ones(())}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {'dense': {'kernel': True, 'bias': False}, 'ln': {'scale': False},
+                  'logit_scale': False}
+
+
+@pytest.mark.parametrize('name', ['adamw', 'adafactor'])
+def test_optimizers_decay_only_masked_params(config, name):
+  config.optim.update(name=name, learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
+  tx, _ = optim.make_optimizer(config.optim, total_steps=10)
+  params = {'kernel': jnp.ones((4, 4)), 'bias': jnp.ones(4)}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert float(new['kernel'][0, 0]) < 1.0  # decayed
+  np.testing.assert_allclose(new['bias'], 1.0)  # not decayed
+
+
+def test_unknown_optimizer_is_named(config):
+  config.optim.name = 'sgdd'
+  with pytest.raises(ValueError, match='optim.name'):
+    optim.make_optimizer(config.optim, 10)

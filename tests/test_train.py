@@ -1,0 +1,75 @@
+"""End to end: train, checkpoint, resume exactly, evaluate, load from Python."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import vlrep
+from vlrep import checkpoint, train
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A shrunk tiny CoCa trained 4 steps (checkpoints at 2 and 4, eval at the end)."""
+  from conftest import load_config, shrink
+  config = shrink(load_config('coca'))
+  workdir = str(tmp_path_factory.mktemp('run'))
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_run_writes_metrics_checkpoints_config_and_results(trained):
+  config, workdir, results = trained
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_records = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train_records] == [2, 4]
+  for key in ('train/contrastive_loss', 'train/caption_loss', 'train/learning_rate',
+              'train/logit_scale', 'train/examples_per_s'):
+    assert key in train_records[-1]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert json.load(open(os.path.join(workdir, 'config.json')))['batch_size'] == 8
+  on_disk = json.load(open(os.path.join(workdir, 'results.json')))
+  assert on_disk == pytest.approx(results)
+  for key in ('zeroshot_colour/top1', 'zeroshot_shape/top1', 'zeroshot_count/top1',
+              'retrieval/i2t_r@1', 'retrieval/t2i_r@1', 'retrieval/i2t_r@5',
+              'retrieval/t2i_r@5', 'captioning/cider_greedy', 'captioning/exact_match_greedy'):
+    assert 0.0 <= on_disk[key] <= (10.0 if 'cider' in key else 1.0), key
+  assert any(f.startswith('events.out.tfevents') for f in
+             os.listdir(os.path.join(workdir, 'tensorboard')))
+
+
+def test_resumed_run_is_bit_exact(trained, tmp_path):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.eval_every_steps = 0
+  config.total_steps = 2
+  interrupted = str(tmp_path)
+  train.train_and_evaluate(config, interrupted)  # "killed" after step 2
+  config.total_steps = 4
+  train.train_and_evaluate(config, interrupted)  # same command, longer: resumes at 2
+  straight = vlrep.load(workdir).params
+  resumed = vlrep.load(interrupted).params
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+  assert not os.path.exists(os.path.join(interrupted, 'results.json'))  # evaluation off
+
+
+def test_load_round_trip(trained):
+  config, workdir, _ = trained
+  model = vlrep.load(workdir)
+  assert model.config.batch_size == 8
+  earlier = vlrep.load(workdir, step=2)
+  assert not np.array_equal(model.params['logit_scale'], earlier.params['logit_scale'])
+  images = np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3)).astype(np.uint8)
+  image_emb = model.encode_image(images)
+  assert image_emb.shape == (3, config.model.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(image_emb, axis=-1), 1.0, rtol=1e-5)
+  texts = ['two red circles', 'a blue square']
+  np.testing.assert_allclose(model.encode_text(texts), model.encode_text(model.tokenize(texts)),
+                             rtol=1e-6)
+  captions = model.caption(images)
+  assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+  with pytest.raises(FileNotFoundError, match='no checkpoint 7'):
+    vlrep.load(workdir, step=7)

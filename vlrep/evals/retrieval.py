@@ -1,0 +1,46 @@
+"""Image<->text retrieval recall@K.
+
+Texts are matched to images by `text_image_ids` (each caption belongs to one image; an
+image may have several captions, as in COCO/Flickr30K). An image->text query is a hit when
+any of its K nearest captions is one of its own; a text->image query when any of its K
+nearest images is its own. With `identical_text_is_hit`, a caption counts as correct for
+every image that has a caption with exactly the same text, which is the fair protocol for
+data (like the synthetic set) whose generator repeats captions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def correct_pairs(text_image_ids: np.ndarray, num_images: int, texts: Sequence[str] | None = None,
+                  identical_text_is_hit: bool = False) -> np.ndarray:
+  """bool [num_texts, num_images]: which image is a correct answer for which text."""
+  num_texts = len(text_image_ids)
+  correct = np.zeros((num_texts, num_images), bool)
+  correct[np.arange(num_texts), text_image_ids] = True
+  if identical_text_is_hit:
+    if texts is None:
+      raise ValueError('identical_text_is_hit needs the texts')
+    _, text_keys = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    image_has_text = np.zeros((num_images, text_keys.max() + 1), bool)
+    image_has_text[text_image_ids, text_keys] = True
+    correct = image_has_text[:, text_keys].T
+  return correct
+
+
+def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, correct: np.ndarray,
+                ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """{'i2t_r@K', 't2i_r@K'} for embeddings [N, E], [M, E] and `correct` [M, N]."""
+  scores = text_emb @ image_emb.T  # [M, N]
+  by_text = np.argsort(-scores, axis=1, kind='stable')
+  by_image = np.argsort(-scores.T, axis=1, kind='stable')
+  out = {}
+  for k in ks:
+    t2i_hits = np.take_along_axis(correct, by_text[:, :k], axis=1).any(axis=1)
+    i2t_hits = np.take_along_axis(correct.T, by_image[:, :k], axis=1).any(axis=1)
+    out[f'i2t_r@{k}'] = float(i2t_hits.mean())
+    out[f't2i_r@{k}'] = float(t2i_hits.mean())
+  return out

@@ -1,0 +1,105 @@
+"""The CoCa model: image encoder, attentional poolers, text decoder, projections, temperature.
+
+`build_model(config.model)` is the one constructor. CLIP/ALIGN is the same model with zero
+multimodal layers (and caption weight 0 in the loss); captioning-only and the other
+families are config changes too. The methods `encode_image`, `encode_text`, `__call__` and
+`decode_step` are what the train step, the evaluators and `vlrep.Pretrained` apply.
+"""
+
+from __future__ import annotations
+
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlrep.models.layers import AttentionalPooler, Dtype, default_kernel_init, logical
+from vlrep.models.text import TextDecoder
+from vlrep.models.vision import VisionTransformer
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class CoCa(nn.Module):
+  """Contrastive captioner. Images uint8/float [B, H, W, 3]; tokens int32 [B, L]."""
+  image_encoder: VisionTransformer
+  text_decoder: TextDecoder
+  embed_dim: int
+  captioning_queries: int
+  pooler: str = 'cascade'  # 'cascade': contrastive pooler reads the captioning pooler's output
+  temperature_init: float = 0.07
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    heads = self.image_encoder.num_heads
+    self.captioning_pooler = AttentionalPooler(self.captioning_queries, heads, self.dtype)
+    self.contrastive_pooler = AttentionalPooler(1, heads, self.dtype)
+    projection = lambda: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                  kernel_init=logical(default_kernel_init, 'embed', None))
+    self.image_projection = projection()
+    self.text_projection = projection()
+    self.logit_scale_log = self.param(
+        'logit_scale', logical(nn.initializers.constant(math.log(1 / self.temperature_init))), ())
+
+  def logit_scale(self) -> jax.Array:
+    """exp(learned log-scale), clipped at 100 (temperature >= 0.01)."""
+    return jnp.exp(jnp.minimum(self.logit_scale_log, math.log(MAX_LOGIT_SCALE)))
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (L2-normalised embedding [B, E], captioning tokens [B, queries, W] or None)."""
+    tokens = self.image_encoder(images)
+    caption_tokens = None  # CLIP-like models (no multimodal layers) have no captioning pooler
+    if self.text_decoder.multimodal_layers:
+      caption_tokens = self.captioning_pooler(tokens)
+    source = caption_tokens if self.pooler == 'cascade' and caption_tokens is not None else tokens
+    pooled = self.contrastive_pooler(source)[:, 0]
+    return l2_normalize(self.image_projection(pooled).astype(jnp.float32)), caption_tokens
+
+  def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (L2-normalised embedding [B, E], unimodal token features [B, L, W])."""
+    cls, token_features = self.text_decoder.encode(tokens)
+    return l2_normalize(self.text_projection(cls).astype(jnp.float32)), token_features
+
+  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`."""
+    image_emb, caption_tokens = self.encode_image(images)
+    text_emb, token_features = self.encode_text(tokens)
+    out = {'image_emb': image_emb, 'text_emb': text_emb, 'logit_scale': self.logit_scale()}
+    if self.text_decoder.multimodal_layers:
+      out['caption_logits'] = self.text_decoder.caption_logits(token_features[:, :-1],
+                                                               caption_tokens)
+    return out
+
+  def decode_step(self, token: jax.Array, caption_tokens: jax.Array | None) -> jax.Array:
+    """One decoding step from the KV cache: token [B, 1] -> logits [B, V]."""
+    return self.text_decoder.decode_step(token, caption_tokens)
+
+
+POOLERS = ('cascade', 'parallel')
+
+
+def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa:
+  """The CoCa module described by `config.model` (`decode=True` for cached decoding).
+
+  The text length comes from `config.data.max_text_len`, so data and model always agree.
+  """
+  model = config.model
+  vision, text = model.vision, model.text
+  if model.pooler not in POOLERS:
+    raise ValueError(f'model.pooler={model.pooler!r}; expected one of {POOLERS}')
+  dtype = jnp.float32
+  return CoCa(
+      image_encoder=VisionTransformer(
+          patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
+          num_heads=vision['heads'], mlp_dim=vision['mlp_dim'], dtype=dtype),
+      text_decoder=TextDecoder(
+          vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
+          unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
+          num_heads=text['heads'], mlp_dim=text['mlp_dim'], decode=decode, dtype=dtype),
+      embed_dim=model['embed_dim'], captioning_queries=model['captioning_queries'],
+      pooler=model['pooler'], dtype=dtype)

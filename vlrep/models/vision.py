@@ -1,0 +1,54 @@
+"""ViT image encoder: images -> patch tokens [batch, patches, width].
+
+No class token: CoCa pools the patch tokens with attentional poolers (`models/coca.py`).
+uint8 images are normalised here, so every caller (train step, evaluators, the Python API)
+gets the same preprocessing; float images are taken as already normalised.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlrep.models.layers import Block, Dtype, layer_norm, logical
+
+# CLIP's RGB statistics: the convention most image-text checkpoints share.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32 standardised; float input is returned unchanged."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
+
+
+class VisionTransformer(nn.Module):
+  """Patch embedding + learned position embedding + pre-LN blocks + final LayerNorm."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = normalize_images(images).astype(self.dtype)
+    p = self.patch_size
+    if x.shape[1] % p or x.shape[2] % p:
+      raise ValueError(f'image size {x.shape[1:3]} is not divisible by patch_size {p}')
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                name='patch_embed',
+                kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, 'embed'),
+                bias_init=logical(nn.initializers.zeros, 'embed'))(x)
+    x = x.reshape(x.shape[0], -1, self.width)
+    pos = self.param('pos_embed', logical(nn.initializers.normal(0.02), None, 'embed'),
+                     x.shape[1:])
+    x = x + pos.astype(self.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f'block_{i}')(x)
+    return layer_norm('ln_final', self.dtype)(x)

@@ -1,0 +1,51 @@
+"""The optimizer from `config.optim`: AdamW or Adafactor, warmup + cosine/linear decay,
+weight decay masked off biases, norms and the temperature, global-norm gradient clipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZERS = ('adamw', 'adafactor')
+DECAYS = ('cosine', 'linear')
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then cosine or linear decay to 0."""
+  if optim.decay not in DECAYS:
+    raise ValueError(f'optim.decay={optim.decay!r}; expected one of {DECAYS}')
+  warmup = min(int(optim.warmup_steps), total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  if optim.decay == 'cosine':
+    decay = optax.cosine_decay_schedule(optim.learning_rate, decay_steps)
+  else:
+    decay = optax.linear_schedule(optim.learning_rate, 0.0, decay_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)), decay], [warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for matrices and embeddings; False for biases, norm scales and the temperature."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  if optim.name == 'adamw':
+    update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                         weight_decay=optim.weight_decay, mask=weight_decay_mask)
+  elif optim.name == 'adafactor':
+    # Factored second moments keep optimizer memory ~ parameters for the large models;
+    # b2 is Adafactor's own 1 - t^-0.8 schedule rather than a constant.
+    update = optax.adafactor(schedule, momentum=optim.b1, multiply_by_parameter_scale=False,
+                             weight_decay_rate=optim.weight_decay,
+                             weight_decay_mask=weight_decay_mask)
+  else:
+    raise ValueError(f'optim.name={optim.name!r}; expected one of {OPTIMIZERS}')
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), update), schedule

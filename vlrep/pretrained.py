@@ -1,0 +1,120 @@
+"""`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
+
+`Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
+`encode_text` and `caption`; evaluators use the same methods, so what is measured is what
+users get. Inputs of any batch size are processed in fixed-size chunks (the last one padded),
+so each method compiles once per chunk shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlrep import decode
+from vlrep.data.tokenizer import get_tokenizer
+from vlrep.models.coca import CoCa, build_model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, images, method=CoCa.encode_image)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, tokens, method=CoCa.encode_text)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _caption_tokens(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, images, method=CoCa.encode_image)[1]
+
+
+def _in_chunks(fn: Callable[[np.ndarray], Any], inputs: np.ndarray, chunk: int) -> np.ndarray:
+  """fn over `inputs` in chunks of `chunk` rows (last one zero-padded), concatenated."""
+  outputs = []
+  for start in range(0, len(inputs), chunk):
+    part = inputs[start:start + chunk]
+    padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
+    outputs.append(np.asarray(fn(padded))[:len(part)])
+  return np.concatenate(outputs)
+
+
+class Pretrained:
+  """A CoCa-family model with its parameters, config and tokenizer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256):
+    self.config, self.params, self.batch_size = config, params, batch_size
+    self.model = build_model(config)
+    self.decoder = build_model(config, decode=True)
+    self.tokenizer = get_tokenizer(config.data.tokenizer)
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts), data.max_text_len]."""
+    return self.tokenizer.encode(list(texts), self.config.data.max_text_len)
+
+  def preprocess_images(self, images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] of any size -> uint8 at the model's size; float input unchanged."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images must be [B, H, W, 3], got {images.shape}')
+    size = self.config.data.image_size
+    if images.dtype != np.uint8:
+      if images.shape[1:3] != (size, size):
+        raise ValueError(f'float images are taken as preprocessed and must be {size}x{size}, '
+                         f'got {images.shape[1:3]}')
+      return images.astype(np.float32)
+    if images.shape[1:3] == (size, size):
+      return images
+    resized = jax.image.resize(images.astype(np.float32), (len(images), size, size, 3),
+                               'bilinear', antialias=True)
+    return np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
+
+  def encode_image(self, images: np.ndarray) -> np.ndarray:
+    """L2-normalised image embeddings float32 [B, E]."""
+    images = self.preprocess_images(images)
+    return _in_chunks(lambda x: _encode_image(self.model, self.params, x), images,
+                      self.batch_size)
+
+  def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
+    """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
+    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
+        self.tokenize(texts)
+    return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
+                      np.asarray(tokens, np.int32), self.batch_size)
+
+  def caption_ids(self, images: np.ndarray, max_len: int | None = None) -> np.ndarray:
+    """Greedy-decoded token rows int32 [B, max_len] (`[BOS, ..., EOS, PAD ...]`)."""
+    if not self.config.model.text.multimodal_layers:
+      raise ValueError('this model has no multimodal layers, so it cannot caption')
+    max_len = max_len or self.config.data.max_text_len
+    images = self.preprocess_images(images)
+
+    def run(chunk):
+      context = _caption_tokens(self.model, self.params, chunk)
+      return decode.greedy(self.decoder, self.params, context, max_len)
+    return _in_chunks(run, images, self.batch_size)
+
+  def caption(self, images: np.ndarray, max_len: int | None = None) -> list[str]:
+    """Greedy captions, one string per image."""
+    return [self.tokenizer.decode(row) for row in self.caption_ids(images, max_len)]
+
+
+def load(workdir: str, step: int | None = None) -> Pretrained:
+  """The model of a training run: config from `workdir/config.json`, parameters from its
+  latest checkpoint (or `step`), placed on the local devices whatever the device count."""
+  from vlrep import checkpoint  # orbax is only needed here, not for Pretrained itself
+
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model = build_model(config)
+  params = checkpoint.restore_params(workdir, model, config, step)
+  return Pretrained(config, params)

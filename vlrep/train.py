@@ -1,0 +1,158 @@
+"""`python -m vlrep.train --config=configs/coca.py:tiny --workdir=DIR`: the one training loop.
+
+Builds the mesh, the model, the optimizer and the train state (directly in its shardings),
+resumes from the latest checkpoint in DIR if there is one, then runs the jitted
+`train_step` over the grain stream, logging, checkpointing and evaluating on schedule. Every
+model family runs through this loop; they differ by config only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vlrep import checkpoint, sharding, step as step_lib
+from vlrep.data import pipeline
+from vlrep.data.tokenizer import get_tokenizer
+from vlrep.evals.suite import Evaluator
+from vlrep.metrics import MetricWriter
+from vlrep.models.coca import build_model
+from vlrep.optim import make_optimizer
+from vlrep.pretrained import Pretrained
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before anything compiles, on values that cannot work together."""
+  vocab = get_tokenizer(config.data.tokenizer).vocab_size
+  if config.model.text.vocab_size < vocab:
+    raise ValueError(f'model.text.vocab_size={config.model.text.vocab_size} is smaller than the '
+                     f'{config.data.tokenizer!r} tokenizer vocabulary ({vocab})')
+  for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps'):
+    if config[field] <= 0:
+      raise ValueError(f'{field} must be positive, got {config[field]}')
+  if config.eval_every_steps < 0:
+    raise ValueError(f'eval_every_steps must be >= 0 (0 turns evaluation off)')
+  pipeline.make_source(config.data.train, config.data.image_size)
+
+
+def _format_duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def _log_progress(step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
+  logging.info('step %d/%d | loss %.4f (contrastive %.4f, caption %.4f) | lr %.2e | '
+               'scale %.1f | %.0f ex/s | ETA %s', step, total, metrics['train/loss'],
+               metrics['train/contrastive_loss'], metrics['train/caption_loss'],
+               metrics['train/learning_rate'], metrics['train/logit_scale'],
+               metrics['train/examples_per_s'], _format_duration(eta_s))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) to `config.total_steps`; returns the final evaluation results."""
+  validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  local_batch = sharding.batch_size_per_process(config.batch_size, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+  model = build_model(config)
+  tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
+  state, state_shardings = step_lib.create_train_state(
+      model, tx, learning_rate_fn, config, mesh, jax.random.key(config.seed))
+  logging.info('model: %s parameters', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+
+  data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  start = checkpointer.latest_step()
+  if start is not None:
+    state = checkpointer.restore(start, state, state_shardings, data_iterator)
+    logging.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), start)
+  start = int(state.step)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  evaluator = Evaluator(config) if config.eval_every_steps else None
+  pretrained = Pretrained(config, state.params, batch_size=config.eval_batch_size)
+  writer = MetricWriter(workdir)
+
+  def evaluate(step: int) -> dict[str, float]:
+    pretrained.params = state.params
+    t0 = time.time()
+    results = evaluator(pretrained)
+    logging.info('eval at step %d (%.0fs): %s', step, time.time() - t0,
+                 ', '.join(f'{k} {v:.3f}' for k, v in results.items()))
+    writer.write(step, results)
+    return results
+
+  results: dict[str, float] = {}
+  last_log_time, last_log_step = time.time(), start
+  for step in range(start + 1, config.total_steps + 1):
+    local = next(data_iterator)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
+                                                       (config.batch_size, *v.shape[1:]))
+             for k, v in local.items()}
+    state, metrics = train_step(state, batch)
+
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      seconds_per_step = (now - last_log_time) / (step - last_log_step)
+      metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
+      writer.write(step, metrics)
+      _log_progress(step, config.total_steps, metrics,
+                    seconds_per_step * (config.total_steps - step))
+      last_log_time, last_log_step = now, step
+    if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+      checkpointer.save(step, state, data_iterator)
+    if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
+      evaluate(step)
+      last_log_time = time.time()  # evaluation time is not training speed
+
+  checkpointer.wait()
+  if start == config.total_steps and checkpointer.latest_step() is None:
+    checkpointer.save(start, state, data_iterator)
+  if evaluator:
+    results = evaluate(config.total_steps)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+      print(json.dumps(results, sort_keys=True), flush=True)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return results
+
+
+def _quiet_library_logs(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_quiet_library_logs)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  # Flags are defined only when run as a program, so tests can import this module.
+  config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/coca.py:tiny.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
