@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -73,3 +75,36 @@ def test_load_round_trip(trained):
   assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
   with pytest.raises(FileNotFoundError, match='no checkpoint 7'):
     vlrep.load(workdir, step=7)
+
+
+def test_load_on_another_device_count(trained):
+  """A run trained on 1 device loads on 4 (simulated) devices and gives the same numbers."""
+  _, workdir, _ = trained
+  code = ('import numpy as np, jax, vlrep; m = vlrep.load(%r); '
+          'assert jax.device_count() == 4; '
+          'np.save(%r, m.encode_text(["two red circles", "a cross"]))')
+  out = os.path.join(workdir, 'emb4.npy')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', code % (workdir, out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  here = vlrep.load(workdir).encode_text(['two red circles', 'a cross'])
+  np.testing.assert_allclose(np.load(out), here, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.text.vocab_size', 100, 'vocab_size=100'),
+    ('data.tokenizer', 'words', "'words'"),
+    ('data.train', 'laion', "'laion'"),
+    ('total_steps', 0, 'total_steps'),
+])
+def test_bad_config_fails_before_anything_runs(config, tmp_path, field, value, message):
+  section, _, name = field.rpartition('.')
+  target = config
+  for part in filter(None, section.split('.')):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')

@@ -122,9 +122,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       evaluate(step)
       last_log_time = time.time()  # evaluation time is not training speed
 
-  checkpointer.wait()
-  if start == config.total_steps and checkpointer.latest_step() is None:
-    checkpointer.save(start, state, data_iterator)
   if evaluator:
     results = evaluate(config.total_steps)
     if jax.process_index() == 0:

@@ -76,9 +76,11 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   local = _ProcessSlice(stream, config.batch_size, process_index, process_count)
   tokenize = _Tokenize(get_tokenizer(config.data.tokenizer), config.data.max_text_len)
   batches = local.map(tokenize).batch(config.batch_size // process_count, drop_remainder=True)
+  # Elements are whole batches here: keep only a couple ahead, so that filling the buffer
+  # does not compete with the train step for the CPU.
   threads = int(config.data.worker_threads)
   return batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                   prefetch_buffer_size=4 * config.batch_size))
+                                                   prefetch_buffer_size=max(threads, 1) + 1))
 
 
 def eval_examples(config: ml_collections.ConfigDict) -> dict[str, Any]:

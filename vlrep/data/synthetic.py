@@ -23,18 +23,18 @@ COLOURS = {
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangles',
            'cross': 'crosses', 'shape': 'shapes'}
-SIZES = {'small': 0.075, 'large': 0.13}  # radius as a fraction of the image side
-COUNTS = ('one', 'two', 'three', 'four')
+SIZES = {'small': 0.09, 'large': 0.15}  # radius as a fraction of the image side
+COUNTS = ('one', 'two', 'three')
 SPLIT_SIZES = {'train': 10_000_000, 'test': 10_000}
 _SPLIT_IDS = {'train': 0, 'test': 1}
 _SUPERSAMPLE = 2  # draws at 2x and averages, so edges are anti-aliased
-_FULL_CAPTION_PROB = 0.5
+_FULL_CAPTION_PROB = 0.6
 
 # Zero-shot tasks on this data: class names x templates; each prompt names one attribute.
 ZERO_SHOT_TASKS = {
     'colour': (tuple(COLOURS), ('{} shapes', 'a {} shape')),
     'shape': (SHAPES, ('a {}', '{}')),
-    'count': (('one shape', 'two shapes', 'three shapes', 'four shapes'), ('{}',)),
+    'count': (('one shape', 'two shapes', 'three shapes'), ('{}',)),
 }
 
 

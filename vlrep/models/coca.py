@@ -96,7 +96,8 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   return CoCa(
       image_encoder=VisionTransformer(
           patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
-          num_heads=vision['heads'], mlp_dim=vision['mlp_dim'], dtype=dtype),
+          num_heads=vision['heads'], mlp_dim=vision['mlp_dim'],
+          stem_channels=tuple(vision['stem_channels']), dtype=dtype),
       text_decoder=TextDecoder(
           vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
           unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
