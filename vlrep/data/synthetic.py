@@ -121,7 +121,9 @@ def render(groups: list[dict[str, Any]], rng: np.random.Generator, image_size: i
     mask = _inside(shape, dx, dy, r)
     jitter = rng.uniform(-18, 18, size=3)
     canvas[lo_y:hi_y, lo_x:hi_x][mask] = np.clip(colour + jitter, 0, 255)
-  image = canvas.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE, 3).mean((1, 3))
+  # Box-filter down to image_size; strided adds are several times faster than .mean().
+  image = sum(canvas[dy::_SUPERSAMPLE, dx::_SUPERSAMPLE]
+              for dy in range(_SUPERSAMPLE) for dx in range(_SUPERSAMPLE)) / _SUPERSAMPLE**2
   image += rng.normal(0, 4, size=image.shape).astype(np.float32)
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
