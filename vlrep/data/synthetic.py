@@ -28,7 +28,7 @@ COUNTS = ('one', 'two', 'three')
 SPLIT_SIZES = {'train': 10_000_000, 'test': 10_000}
 _SPLIT_IDS = {'train': 0, 'test': 1}
 _SUPERSAMPLE = 2  # draws at 2x and averages, so edges are anti-aliased
-_FULL_CAPTION_PROB = 0.6
+_FULL_CAPTION_PROB = 0.75
 
 # Zero-shot tasks on this data: class names x templates; each prompt names one attribute.
 ZERO_SHOT_TASKS = {
