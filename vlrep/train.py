@@ -40,7 +40,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config[field] <= 0:
       raise ValueError(f'{field} must be positive, got {config[field]}')
   if config.eval_every_steps < 0:
-    raise ValueError(f'eval_every_steps must be >= 0 (0 turns evaluation off)')
+    raise ValueError('eval_every_steps must be >= 0 (0 turns evaluation off)')
   pipeline.make_source(config.data.train, config.data.image_size)
 
 
@@ -62,7 +62,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) to `config.total_steps`; returns the final evaluation results."""
   validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  local_batch = sharding.batch_size_per_process(config.batch_size, mesh)
+  sharding.batch_size_per_process(config.batch_size, mesh)  # fails early if it cannot divide
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
