@@ -22,6 +22,12 @@ from vlrep import sharding, step as step_lib
 from vlrep.models.coca import CoCa
 
 
+def _abstract_arrays(tree: Any, shardings: Any) -> Any:
+  """Restore targets: each array's shape and dtype, placed in the given sharding."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
@@ -47,8 +53,7 @@ class Checkpointer:
   def restore(self, step: int, state: step_lib.TrainState, state_shardings: Any,
               data_iterator: Any) -> step_lib.TrainState:
     """`state` (same structure, any values) gives shapes; arrays land in `state_shardings`."""
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings)
+    abstract = _abstract_arrays(state, state_shardings)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         state=ocp.args.StandardRestore({'step': abstract.step, 'opt_state': abstract.opt_state}),
@@ -75,8 +80,7 @@ def restore_params(workdir: str, model: CoCa, config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
   boxed = jax.eval_shape(lambda: step_lib.init_params(model, config, jax.random.key(0)))
   shardings = sharding.logical_shardings(boxed, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
+  abstract = _abstract_arrays(nn.unbox(boxed), shardings)
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract)))
   manager.close()

@@ -60,10 +60,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
-
-
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes."""
   specs = nn.get_partition_spec(abstract_tree)

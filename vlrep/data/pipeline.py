@@ -86,13 +86,15 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
 def eval_examples(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The first `config.data.eval_examples` of the eval source, in order, as numpy arrays.
 
-  Returns `images` uint8 [N, H, W, 3], `captions` (list of N str) and any `labels/*` arrays.
+  Returns `images` uint8 [N, H, W, 3], `captions` (list of N str), any `labels/*` arrays and
+  `zero_shot_tasks` (the source's {task: (class names, templates)}, empty if it has none).
   """
   source = make_source(config.data.eval, config.data.image_size)
   count = min(int(config.data.eval_examples), len(source))
   examples = [source[i] for i in range(count)]
   out: dict[str, Any] = {'images': np.stack([e['image'] for e in examples]),
-                         'captions': [e['caption'] for e in examples]}
+                         'captions': [e['caption'] for e in examples],
+                         'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {})}
   for key in examples[0]:
     if key.startswith('labels/'):
       out[key] = np.stack([e[key] for e in examples])

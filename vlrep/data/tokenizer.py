@@ -23,7 +23,6 @@ class ByteTokenizer:
   """UTF-8 bytes shifted past the special ids; vocabulary of 259 ids."""
 
   vocab_size = 256 + _NUM_SPECIAL
-  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """Returns int32 [len(texts), max_len]; too long text is cut, keeping EOS last."""

@@ -20,23 +20,24 @@ from vlrep.pretrained import Pretrained
 class Evaluator:
   def __init__(self, config: ml_collections.ConfigDict):
     self.examples = pipeline.eval_examples(config)
-    source = pipeline.make_source(config.data.eval, config.data.image_size)
-    self.zero_shot_tasks = getattr(source, 'zero_shot_tasks', {})
+    captions = self.examples['captions']
+    # Which caption is right for which image depends on the data only: computed once.
+    self.correct_pairs = retrieval.correct_pairs(np.arange(len(captions)), len(captions),
+                                                 captions, identical_text_is_hit=True)
 
   def __call__(self, model: Pretrained) -> dict[str, float]:
     images, captions = self.examples['images'], self.examples['captions']
     image_emb = model.encode_image(images)
     text_emb = model.encode_text(captions)
     results: dict[str, float] = {}
-    for task, (class_names, templates) in self.zero_shot_tasks.items():
+    for task, (class_names, templates) in self.examples['zero_shot_tasks'].items():
       labels = self.examples.get(f'labels/{task}')
       if labels is None:
         continue
       classes = zeroshot.class_embeddings(model.encode_text, class_names, templates)
       results[f'zeroshot_{task}/top1'] = zeroshot.topk_accuracy(image_emb, classes, labels, 1)
-    correct = retrieval.correct_pairs(np.arange(len(captions)), len(images), captions,
-                                      identical_text_is_hit=True)
-    for name, value in retrieval.recall_at_k(image_emb, text_emb, correct, (1, 5)).items():
+    for name, value in retrieval.recall_at_k(image_emb, text_emb, self.correct_pairs,
+                                             (1, 5)).items():
       results[f'retrieval/{name}'] = value
     if model.config.model.text.multimodal_layers:
       predictions = dict(enumerate(model.caption(images)))
