@@ -38,7 +38,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval_every_steps = 720 if demo else 10_000
   c.eval_batch_size = 250
 
+  # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
+  # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # Passes per step for memory (GradCache): the contrastive loss still sees the whole batch.
+  c.microbatches = 1
 
   c.model = ml_collections.ConfigDict()
   c.model.vision = ml_collections.ConfigDict({
@@ -53,8 +57,22 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.embed_dim = width
   c.model.captioning_queries = queries
   c.model.pooler = 'cascade'
+  # Recompute each transformer block in the backward pass, trading compute for activation
+  # memory: 'none', 'full' (keep only block inputs) or 'minimal' (also keep the dense
+  # projections' outputs). On XLA:CPU (default flags) it saves memory only with scan_layers.
+  c.model.remat = 'none'
+  # One nn.scan per stack over layer-stacked parameters: tracing and compiling no longer
+  # grow with depth. Parameter paths change (`unimodal_<i>` -> `unimodal`): a checkpoint
+  # only loads into a model with the same setting.
+  c.model.scan_layers = False
 
-  c.loss = ml_collections.ConfigDict({'contrastive_weight': 1.0, 'caption_weight': 2.0})
+  c.loss = ml_collections.ConfigDict({
+      'contrastive_weight': 1.0, 'caption_weight': 2.0,
+      # softmax (CLIP/CoCa) or sigmoid (SigLIP, with a learned bias).
+      'contrastive_type': 'softmax',
+      # gather: all-gather the embeddings (local x global logits per device);
+      # ring: pass them round the devices (local x local), for very large batches.
+      'contrastive_impl': 'gather'})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw' if demo else 'adafactor'

@@ -17,8 +17,9 @@ def _reference_greedy(model, params, images, max_len):
   tokens = np.full((batch, max_len), PAD_ID, np.int32)
   tokens[:, 0] = BOS_ID
   done = np.zeros(batch, bool)
+  apply = jax.jit(model.apply)  # one compile, not op-by-op dispatch at every step
   for t in range(1, max_len):
-    logits = model.apply({'params': params}, images, jnp.asarray(tokens))['caption_logits']
+    logits = apply({'params': params}, images, jnp.asarray(tokens))['caption_logits']
     next_token = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1))
     next_token = np.where(done, PAD_ID, next_token)
     tokens[:, t] = next_token
@@ -29,7 +30,7 @@ def _reference_greedy(model, params, images, max_len):
 def test_greedy_matches_uncached_reference(config):
   config.data.max_text_len = 12
   model, decoder = build_model(config), build_model(config, decode=True)
-  params = nn.unbox(init_params(model, config, jax.random.key(3)))
+  params = jax.jit(lambda rng: nn.unbox(init_params(model, config, rng)))(jax.random.key(3))
   # Make EOS likely somewhere so early stopping and padding are exercised.
   params['text_decoder']['output_head']['bias'] = params['text_decoder']['output_head'][
       'bias'].at[EOS_ID].set(0.5)

@@ -1,8 +1,9 @@
-"""Parameter counts: parts add up; coca.py:base/large/giant against the paper's Table 1."""
+"""Parameter counts: parts add up; coca.py:base/large/giant against the paper's Table 1;
+the same per part with `model.scan_layers`."""
 
 import pytest
 
-from conftest import load_config
+from conftest import load_config, shrink
 from vlrep.describe import parameter_counts
 
 
@@ -27,3 +28,13 @@ def test_parts_sum_to_total(config):
   counts = parameter_counts(config)
   assert counts['total'] == sum(v for k, v in counts.items() if k != 'total')
   assert all(v > 0 for v in counts.values())
+
+
+@pytest.mark.parametrize('name', ['coca', 'clip'])
+def test_counts_do_not_depend_on_scan_layers(name):
+  config = shrink(load_config(name))
+  config.model.vision.layers = 2
+  config.model.text.update(unimodal_layers=2, multimodal_layers=2 if name == 'coca' else 0)
+  per_layer = parameter_counts(config)
+  config.model.scan_layers = True
+  assert parameter_counts(config) == per_layer

@@ -1,5 +1,6 @@
 """Optimizer: schedule values, weight-decay mask, both optimizers step."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,8 @@ import optax
 import pytest
 
 from vlrep import optim
+from vlrep.models.coca import build_model
+from vlrep.step import init_params
 
 
 def test_warmup_then_cosine_and_linear(config):
@@ -28,6 +31,25 @@ def test_weight_decay_skips_biases_norms_and_temperature():
   mask = optim.weight_decay_mask(params)
   assert mask == {'dense': {'kernel': True, 'bias': False}, 'ln': {'scale': False},
                   'logit_scale': False}
+
+
+def test_weight_decay_mask_is_the_same_with_scanned_layers(config):
+  """Per layer, the decayed parameters are those with 2+ dims other than attention biases
+  ([heads, head_dim]); scanning the layers (one more leading axis) decays the same ones."""
+  config.model.text.unimodal_layers = 2
+  counts = {}
+  for scan in (False, True):
+    config.model.scan_layers = scan
+    model = build_model(config)
+    params = nn.unbox(jax.eval_shape(lambda: init_params(model, config, jax.random.key(0))))
+    mask = optim.weight_decay_mask(params)
+    if not scan:
+      expected = jax.tree_util.tree_map_with_path(
+          lambda path, p: p.ndim > 1 and path[-1].key != 'bias', params)
+      assert mask == expected
+    counts[scan] = sum(p.size for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+                       if m)
+  assert counts[True] == counts[False]
 
 
 @pytest.mark.parametrize('name', ['adamw', 'adafactor'])

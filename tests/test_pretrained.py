@@ -12,7 +12,8 @@ from vlrep.step import init_params
 
 @pytest.fixture
 def pretrained(config):
-  params = nn.unbox(init_params(build_model(config), config, jax.random.key(0)))
+  model = build_model(config)
+  params = jax.jit(lambda rng: nn.unbox(init_params(model, config, rng)))(jax.random.key(0))
   return Pretrained(config, params, batch_size=4)
 
 

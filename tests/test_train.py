@@ -78,7 +78,7 @@ def test_load_round_trip(trained):
 
 
 def test_load_on_another_device_count(trained):
-  """A run trained on 1 device loads on 4 (simulated) devices and gives the same numbers."""
+  """A run trained on 8 (simulated) devices loads on 4 and gives the same numbers."""
   _, workdir, _ = trained
   code = ('import numpy as np, jax, vlrep; m = vlrep.load(%r); '
           'assert jax.device_count() == 4; '
@@ -98,6 +98,11 @@ def test_load_on_another_device_count(trained):
     ('data.tokenizer', 'words', "'words'"),
     ('data.train', 'laion', "'laion'"),
     ('total_steps', 0, 'total_steps'),
+    ('mesh.data', 3, 'mesh .* has 3 devices, but 8'),
+    ('batch_size', 12, 'batch_size 12 does not divide into 8'),
+    ('microbatches', 2, 'batch_size 8 does not divide into 2 microbatches'),
+    ('loss.contrastive_impl', 'allgather', 'loss.contrastive_impl'),
+    ('loss.contrastive_type', 'hinge', 'loss.contrastive_type'),
 ])
 def test_bad_config_fails_before_anything_runs(config, tmp_path, field, value, message):
   section, _, name = field.rpartition('.')
@@ -108,3 +113,32 @@ def test_bad_config_fails_before_anything_runs(config, tmp_path, field, value, m
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+def _train_losses(config, workdir, devices=None) -> list[float]:
+  train.train_and_evaluate(config, workdir, devices)
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [r['train/loss'] for r in records if 'train/loss' in r]
+
+
+@pytest.mark.parametrize('mesh', [{'data': 8}, {'data': 2, 'fsdp': 4},
+                                  {'data': 2, 'fsdp': 2, 'tensor': 2}])
+def test_every_mesh_gives_the_losses_of_one_device(one_device_losses, tmp_path, mesh):
+  config, expected = one_device_losses
+  config = config.copy_and_resolve_references()
+  config.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
+  losses = _train_losses(config, str(tmp_path))
+  np.testing.assert_allclose(losses, expected, rtol=2e-4)
+
+
+@pytest.fixture(scope='module')
+def one_device_losses(tmp_path_factory):
+  """The tiny config (smaller batch, 3 steps) on one device: the reference every mesh meets."""
+  from conftest import load_config
+  config = load_config('coca')
+  config.update(batch_size=16, total_steps=3, log_every_steps=1, checkpoint_every_steps=100,
+                eval_every_steps=0)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  losses = _train_losses(config, str(tmp_path_factory.mktemp('one')), jax.devices()[:1])
+  assert len(losses) == 3
+  return config, losses

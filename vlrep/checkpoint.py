@@ -77,7 +77,7 @@ def restore_params(workdir: str, model: CoCa, config: ml_collections.ConfigDict,
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in '
                             f'{checkpoint_dir(workdir)} (have: {manager.all_steps()})')
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
   boxed = jax.eval_shape(lambda: step_lib.init_params(model, config, jax.random.key(0)))
   shardings = sharding.logical_shardings(boxed, mesh)
   abstract = _abstract_arrays(nn.unbox(boxed), shardings)

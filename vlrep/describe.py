@@ -20,12 +20,13 @@ from ml_collections import config_flags
 from vlrep.models.coca import build_model
 from vlrep.step import init_params
 
-# (part, pattern on the '/'-joined parameter path); the first match wins.
+# (part, pattern on the '/'-joined parameter path); the first match wins. Stacks are
+# `multimodal_<i>` per layer, or one `multimodal` with `model.scan_layers`.
 PARTS = (
     ('image_encoder', r'^image_encoder/'),
     ('captioning_pooler', r'^captioning_pooler/'),
     ('contrastive_pooler', r'^contrastive_pooler/'),
-    ('text_multimodal', r'^text_decoder/(multimodal_\d+|ln_final)/'),
+    ('text_multimodal', r'^text_decoder/(multimodal(_\d+)?|ln_final)/'),
     ('heads', r'^(text_decoder/output_head|image_projection|text_projection|logit_scale)'),
     ('text_unimodal', r'^text_decoder/'),
 )

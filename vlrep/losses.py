@@ -1,17 +1,40 @@
-"""Losses: symmetric softmax contrastive loss over the global batch and caption cross-entropy.
+"""Losses: contrastive (softmax or sigmoid) over the global batch and caption cross-entropy.
 
-Inputs are global `jax.Array`s inside `jax.jit`; the contrastive logits are computed for the
-whole global batch, so every example sees every other one as a negative whatever the mesh
-(XLA inserts the gathers). Each function returns a scalar float32 mean.
+`contrastive_loss` is what the train step calls. Every example sees every other example of
+the global batch as a negative, whatever the mesh. With a mesh it runs under `jax.shard_map`
+over the batch axes the caller names (this module knows no mesh axis names), in one of two
+ways:
+
+* `gather`: each device all-gathers the other side's embeddings and computes its local x
+  global block of logits. Simple and fast, but memory grows with the global batch.
+* `ring`: text blocks travel round the ring of batch devices by `ppermute`; each device only
+  ever holds a local x local block of logits, and the log-sum-exps are accumulated online.
+  Memory stays flat as the global batch (and the number of devices) grows.
+
+`softmax_contrastive_loss` and `sigmoid_contrastive_loss` are the plain global references.
+Each function returns a scalar float32 mean.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from vlrep.data.tokenizer import PAD_ID
+
+CONTRASTIVE_TYPES = ('softmax', 'sigmoid')
+CONTRASTIVE_IMPLS = ('gather', 'ring')
+
+
+def _logits(x: jax.Array, y: jax.Array, logit_scale: jax.Array,
+            logit_bias: jax.Array | None = None) -> jax.Array:
+  logits = logit_scale * jnp.einsum('ie,te->it', x, y, preferred_element_type=jnp.float32)
+  return logits if logit_bias is None else logits + logit_bias
 
 
 def softmax_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
@@ -20,12 +43,160 @@ def softmax_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
 
   image_emb, text_emb: [B, E], L2-normalised. logit_scale: scalar (1 / temperature).
   """
-  logits = logit_scale * jnp.einsum('ie,te->it', image_emb, text_emb,
-                                    preferred_element_type=jnp.float32)
+  logits = _logits(image_emb, text_emb, logit_scale)
   labels = jnp.arange(logits.shape[0])
   image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
   return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+def sigmoid_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
+                             logit_scale: jax.Array, logit_bias: jax.Array) -> jax.Array:
+  """SigLIP (Zhai et al. 2023): -(1/B) sum_ij log_sigmoid(z_ij (scale x_i.y_j + bias)).
+
+  z_ij is +1 for matched pairs (i == j) and -1 otherwise; shapes as in the softmax loss.
+  """
+  logits = _logits(image_emb, text_emb, logit_scale, logit_bias)
+  signs = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+
+
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                     logit_bias: jax.Array | None = None, *, loss_type: str = 'softmax',
+                     impl: str = 'gather', mesh: jax.sharding.Mesh | None = None,
+                     batch_axes: tuple[str, ...] = ()) -> jax.Array:
+  """Contrastive loss of global [B, E] embeddings sharded over `batch_axes` of `mesh`.
+
+  loss_type: 'softmax' (CLIP) or 'sigmoid' (SigLIP, needs the scalar `logit_bias`).
+  impl: 'gather' or 'ring' (see the module docstring); ignored without a mesh (or batch
+  axes), where the global reference is computed. Mesh axes outside `batch_axes` hold
+  replicas. The value does not depend on impl or mesh, up to float rounding.
+  """
+  if loss_type not in CONTRASTIVE_TYPES:
+    raise ValueError(f'loss.contrastive_type={loss_type!r}: expected one of {CONTRASTIVE_TYPES}')
+  if impl not in CONTRASTIVE_IMPLS:
+    raise ValueError(f'loss.contrastive_impl={impl!r}: expected one of {CONTRASTIVE_IMPLS}')
+  sigmoid = loss_type == 'sigmoid'
+  if sigmoid and logit_bias is None:
+    raise ValueError('loss.contrastive_type=sigmoid needs a logit_bias')
+  scalars = (logit_scale, logit_bias) if sigmoid else (logit_scale,)
+  if mesh is None or not batch_axes:
+    reference = sigmoid_contrastive_loss if sigmoid else softmax_contrastive_loss
+    return reference(image_emb, text_emb, *scalars)
+
+  batch_axes = tuple(batch_axes)
+  num_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+  global_batch = image_emb.shape[0]
+  if global_batch % num_shards:
+    raise ValueError(f'contrastive batch {global_batch} does not divide over the '
+                     f'{num_shards} devices of the batch axes {batch_axes}')
+  local_loss = {('softmax', 'gather'): _softmax_gather, ('softmax', 'ring'): _softmax_ring,
+                ('sigmoid', 'gather'): _sigmoid_gather, ('sigmoid', 'ring'): _sigmoid_ring}
+  emb_spec = P(batch_axes, None)
+  total = jax.shard_map(
+      functools.partial(local_loss[loss_type, impl], axes=batch_axes, num_shards=num_shards),
+      mesh=mesh, in_specs=(emb_spec, emb_spec) + (P(),) * len(scalars), out_specs=P(),
+  )(image_emb, text_emb, *scalars)
+  # The softmax total sums both directions.
+  return total / (global_batch if sigmoid else 2 * global_batch)
+
+
+# The per-device functions below run inside shard_map: arguments are this device's [b, E]
+# rows and the replicated scalars; each returns the loss summed over the global batch.
+
+
+def _global_rows(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
+  """Global indices of this device's rows: all_gather(tiled) and P(axes) share the order."""
+  return jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
+
+
+def _softmax_gather(img, txt, scale, *, axes, num_shards):
+  del num_shards
+  labels = _global_rows(img.shape[0], axes)
+  all_img = jax.lax.all_gather(img, axes, tiled=True)
+  all_txt = jax.lax.all_gather(txt, axes, tiled=True)
+  xent = optax.softmax_cross_entropy_with_integer_labels
+  image_to_text = xent(_logits(img, all_txt, scale), labels)
+  text_to_image = xent(_logits(txt, all_img, scale), labels)
+  return jax.lax.psum(jnp.sum(image_to_text) + jnp.sum(text_to_image), axes)
+
+
+def _sigmoid_gather(img, txt, scale, bias, *, axes, num_shards):
+  del num_shards
+  rows = _global_rows(img.shape[0], axes)
+  logits = _logits(img, jax.lax.all_gather(txt, axes, tiled=True), scale, bias)
+  signs = jnp.where(rows[:, None] == jnp.arange(logits.shape[1]), 1.0, -1.0)
+  return jax.lax.psum(-jnp.sum(jax.nn.log_sigmoid(signs * logits)), axes)
+
+
+def _lse_fold(logits: jax.Array, axis: int,
+              acc: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array]:
+  """Folds logsumexp(logits, axis) into a running (max, sum of exp(x - max)) pair."""
+  # The max only keeps exp() in range and the log-sum-exp does not depend on it, so it needs
+  # no gradient (which also spares autodiff the ties of max).
+  block_max = jax.lax.stop_gradient(jnp.max(logits, axis))
+  if acc is None:
+    running_max, running_sum = block_max, 0.0
+  else:
+    running_max, running_sum = acc
+    block_max = jnp.maximum(running_max, block_max)
+    running_sum = running_sum * jnp.exp(running_max - block_max)
+  return block_max, running_sum + jnp.sum(jnp.exp(logits - jnp.expand_dims(block_max, axis)),
+                                          axis)
+
+
+# Rematerialised, so that autodiff of the ring keeps the travelling blocks and accumulators
+# of each step (local x E) rather than its local x local logits.
+@jax.checkpoint
+def _softmax_block(img, txt, scale, rows_acc, cols_acc):
+  logits = _logits(img, txt, scale)
+  return _lse_fold(logits, 1, rows_acc), _lse_fold(logits, 0, cols_acc)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _sigmoid_block(img, txt, scale, bias, own):
+  logits = _logits(img, txt, scale, bias)
+  if own:  # The device's own text block holds its positives on the diagonal.
+    return -jnp.sum(jax.nn.log_sigmoid((2.0 * jnp.eye(logits.shape[0]) - 1.0) * logits))
+  return -jnp.sum(jax.nn.log_sigmoid(-logits))
+
+
+def _ring_perm(num_shards: int) -> list[tuple[int, int]]:
+  return [(i, (i + 1) % num_shards) for i in range(num_shards)]
+
+
+def _softmax_ring(img, txt, scale, *, axes, num_shards):
+  # Image rows' log-sum-exps stay home; each text block carries its columns' log-sum-exps
+  # with it, so one trip round the ring serves both directions.
+  rows_acc, cols_acc = _softmax_block(img, txt, scale, None, None)
+
+  def step(carry, _):
+    rows_acc, txt_block, cols_acc = carry
+    txt_block, cols_acc = jax.lax.ppermute((txt_block, cols_acc), axes, _ring_perm(num_shards))
+    rows_acc, cols_acc = _softmax_block(img, txt_block, scale, rows_acc, cols_acc)
+    return (rows_acc, txt_block, cols_acc), None
+
+  if num_shards > 1:
+    (rows_acc, _, cols_acc), _ = jax.lax.scan(step, (rows_acc, txt, cols_acc),
+                                              length=num_shards - 1)
+    # The text block is not needed any more: only its columns' accumulator goes home.
+    cols_acc = jax.lax.ppermute(cols_acc, axes, _ring_perm(num_shards))
+  positives = scale * jnp.einsum('ie,ie->i', img, txt, preferred_element_type=jnp.float32)
+  lse = lambda acc: acc[0] + jnp.log(acc[1])
+  return jax.lax.psum(jnp.sum(lse(rows_acc) - positives) + jnp.sum(lse(cols_acc) - positives),
+                      axes)
+
+
+def _sigmoid_ring(img, txt, scale, bias, *, axes, num_shards):
+  total = _sigmoid_block(img, txt, scale, bias, True)
+
+  def step(carry, _):
+    total, txt_block = carry
+    txt_block = jax.lax.ppermute(txt_block, axes, _ring_perm(num_shards))
+    return (total + _sigmoid_block(img, txt_block, scale, bias, False), txt_block), None
+
+  (total, _), _ = jax.lax.scan(step, (total, txt), length=num_shards - 1)
+  return jax.lax.psum(total, axes)
 
 
 def caption_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:

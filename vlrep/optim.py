@@ -28,9 +28,17 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
       [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)), decay], [warmup])
 
 
+# Parameters left undecayed, by leaf name: biases, LayerNorm scales, the [CLS] vector and the
+# contrastive temperature and bias. By name rather than by rank, so that a scanned stack
+# (`model.scan_layers`), whose leaves gain a leading `layers` axis, decays the same ones.
+NO_DECAY = ('bias', 'scale', 'cls_embed', 'logit_scale', 'logit_bias')
+
+
 def weight_decay_mask(params: Any) -> Any:
   """True for matrices and embeddings; False for biases, norm scales and the temperature."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  def decays(path, _) -> bool:
+    return getattr(path[-1], 'key', None) not in NO_DECAY
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict,

@@ -3,7 +3,10 @@
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
 `encode_text` and `caption`; evaluators use the same methods, so what is measured is what
 users get. Inputs of any batch size are processed in fixed-size chunks (the last one padded),
-so each method compiles once per chunk shape.
+so each method compiles once per chunk shape. Each chunk is split over the batch axes of a
+device mesh (the training mesh during training, all devices otherwise), so it runs data-
+parallel on every device of every process; every process passes the same inputs and gets
+the full outputs back.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from vlrep import decode
+from vlrep import decode, sharding
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.models.coca import CoCa, build_model
 
@@ -38,21 +42,40 @@ def _caption_tokens(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[1]
 
 
-def _in_chunks(fn: Callable[[np.ndarray], Any], inputs: np.ndarray, chunk: int) -> np.ndarray:
-  """fn over `inputs` in chunks of `chunk` rows (last one zero-padded), concatenated."""
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a global array as numpy, on every process."""
+  return np.asarray(x) if x.is_fully_addressable else \
+      multihost_utils.process_allgather(x, tiled=True)
+
+
+def _in_chunks(fn: Callable[[jax.Array], Any], inputs: np.ndarray, chunk: int,
+               batch_sharding: jax.sharding.Sharding) -> np.ndarray:
+  """fn over `inputs` in chunks of `chunk` rows (last one zero-padded), concatenated.
+
+  Every process holds all of `inputs`; each chunk becomes a global array split over the
+  batch axes (each process keeps the rows of its own devices).
+  """
   outputs = []
   for start in range(0, len(inputs), chunk):
     part = inputs[start:start + chunk]
     padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
-    outputs.append(np.asarray(fn(padded))[:len(part)])
+    array = jax.make_array_from_process_local_data(batch_sharding, padded, padded.shape)
+    outputs.append(_to_host(fn(array))[:len(part)])
   return np.concatenate(outputs)
 
 
 class Pretrained:
   """A CoCa-family model with its parameters, config and tokenizer."""
 
-  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256):
-    self.config, self.params, self.batch_size = config, params, batch_size
+  def __init__(self, config: ml_collections.ConfigDict, params: Any, batch_size: int = 256,
+               mesh: jax.sharding.Mesh | None = None):
+    """`params` live on `mesh` (default: all devices on the batch axes, as `load` places them)."""
+    self.config, self.params = config, params
+    self.mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
+    self._batch_sharding = sharding.batch_sharding(self.mesh)
+    # A whole number of rows per device.
+    devices = sharding.batch_devices(self.mesh)
+    self.batch_size = -(-batch_size // devices) * devices
     self.model = build_model(config)
     self.decoder = build_model(config, decode=True)
     self.tokenizer = get_tokenizer(config.data.tokenizer)
@@ -82,14 +105,14 @@ class Pretrained:
     """L2-normalised image embeddings float32 [B, E]."""
     images = self.preprocess_images(images)
     return _in_chunks(lambda x: _encode_image(self.model, self.params, x), images,
-                      self.batch_size)
+                      self.batch_size, self._batch_sharding)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
     tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
         self.tokenize(texts)
     return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
-                      np.asarray(tokens, np.int32), self.batch_size)
+                      np.asarray(tokens, np.int32), self.batch_size, self._batch_sharding)
 
   def caption_ids(self, images: np.ndarray, max_len: int | None = None) -> np.ndarray:
     """Greedy-decoded token rows int32 [B, max_len] (`[BOS, ..., EOS, PAD ...]`)."""
@@ -101,7 +124,7 @@ class Pretrained:
     def run(chunk):
       context = _caption_tokens(self.model, self.params, chunk)
       return decode.greedy(self.decoder, self.params, context, max_len)
-    return _in_chunks(run, images, self.batch_size)
+    return _in_chunks(run, images, self.batch_size, self._batch_sharding)
 
   def caption(self, images: np.ndarray, max_len: int | None = None) -> list[str]:
     """Greedy captions, one string per image."""

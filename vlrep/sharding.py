@@ -8,8 +8,9 @@ batches over (`data`, `fsdp`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
@@ -18,6 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+# Every device on the data axis: the mesh for inference and for loading weights.
+DATA_PARALLEL = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
 
 LOGICAL_RULES = (
     ('batch', BATCH_AXES),
@@ -28,6 +31,7 @@ LOGICAL_RULES = (
     ('kv', None),
     ('length', None),
     ('act_embed', None),
+    ('layers', None),
 )
 
 
@@ -49,7 +53,8 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
-              devices: list[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The `config.mesh` mesh over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
@@ -60,16 +65,49 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def _fit(sharding: NamedSharding, shape: tuple[int, ...], path: str) -> NamedSharding:
+  """`sharding`, with each dimension that does not divide over its mesh axes replicated.
+
+  So any model runs on any mesh (e.g. the tiny model's 259-token vocabulary on tensor=2);
+  such a dimension is only stored redundantly, and the log says which.
+  """
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for dim, axes in enumerate(spec):
+    if axes is None:
+      continue
+    ways = int(np.prod([sharding.mesh.shape[a] for a in np.atleast_1d(axes)]))
+    if shape[dim] % ways:
+      logging.warning('%s: dimension %d (%d) does not divide over mesh axes %s (%d ways); '
+                      'replicated along them instead', path, dim, shape[dim], axes, ways)
+      spec[dim] = None
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes."""
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s, x: _fit(s, x.shape, jax.tree_util.keystr(path)), shardings,
+      nn.unbox(abstract_tree))
 
 
-def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
-  """This process's share of a global batch, which must divide over the batch axes."""
-  batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  if global_batch % batch_devices:
-    raise ValueError(f'batch_size {global_batch} does not divide over the {batch_devices} '
-                     f'devices of the batch axes {BATCH_AXES}')
+def constrain_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
+  """Microbatches [K, B/K, ...]: each one spread over the batch axes like a whole batch."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many ways a batch is split: the product of the batch axes' sizes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_size_per_process(global_batch: int, mesh: Mesh, microbatches: int = 1) -> int:
+  """This process's share of a global batch; each microbatch must divide over the batch axes."""
+  devices = batch_devices(mesh)
+  if global_batch % (microbatches * devices):
+    what = f'{microbatches} microbatches of ' if microbatches > 1 else ''
+    raise ValueError(f'batch_size {global_batch} does not divide into {what}{devices} equal '
+                     f'parts, one per device of the batch axes {BATCH_AXES} '
+                     f'(mesh {dict(mesh.shape)})')
   return global_batch // jax.process_count()

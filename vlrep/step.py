@@ -1,9 +1,16 @@
 """The train state and the one train step: pure functions, jitted once by the caller.
 
 `train_step(state, batch)` is the only function that updates parameters. The state carries
-the model, optimizer and loss weights as static fields, so the step needs nothing else and
-can be imported, jitted with any shardings and tested on its own. `create_train_state`
-builds parameters and optimizer state directly in their final shardings.
+the model, optimizer, loss settings, mesh and microbatch count as static fields, so the step
+needs nothing else and can be imported, jitted with any shardings and tested on its own.
+`create_train_state` builds parameters and optimizer state directly in their shardings.
+
+With `microbatches=K > 1` the step keeps every negative of the global batch (GradCache,
+Gao et al. 2021; open_clip's accum-freq): all embeddings are computed first without
+gradients, the contrastive loss and its gradient with respect to those embeddings are taken
+over the whole batch, and then each microbatch is re-run with gradients, its embeddings
+weighted by the cached embedding gradients. Memory is that of one microbatch; loss and
+update equal the K=1 step up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,19 +27,25 @@ import optax
 from jax.sharding import Mesh
 
 from vlrep import losses, sharding
-from vlrep.models.coca import CoCa
+from vlrep.data.tokenizer import PAD_ID
+from vlrep.models.coca import TEMPERATURE_KEYS, CoCa
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeights:
-  contrastive: float = 1.0
-  caption: float = 2.0
+class LossConfig:
+  """`config.loss`: weights of the two losses and how the contrastive one is computed."""
+  contrastive_weight: float = 1.0
+  caption_weight: float = 2.0
+  contrastive_type: str = 'softmax'
+  contrastive_impl: str = 'gather'
 
   @classmethod
-  def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossWeights':
-    return cls(contrastive=float(loss.contrastive_weight), caption=float(loss.caption_weight))
+  def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
+    return cls(contrastive_weight=float(loss.contrastive_weight),
+               caption_weight=float(loss.caption_weight),
+               contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl)
 
 
 @flax.struct.dataclass
@@ -43,26 +56,111 @@ class TrainState:
   model: CoCa = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   learning_rate_fn: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False)
-  loss_weights: LossWeights = flax.struct.field(pytree_node=False)
+  loss_config: LossConfig = flax.struct.field(pytree_node=False)
+  # The mesh the contrastive loss's collectives run over (None: plain global computation).
+  mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
+  microbatches: int = flax.struct.field(pytree_node=False, default=1)
 
 
-def compute_losses(model: CoCa, params: Any, batch: Batch,
-                   weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted total loss and its parts for one global batch."""
+def _contrastive(image_emb: jax.Array, text_emb: jax.Array, temperature: dict[str, jax.Array],
+                 loss_config: LossConfig, mesh: Mesh | None) -> jax.Array:
+  return losses.contrastive_loss(
+      image_emb, text_emb, temperature['logit_scale'], temperature.get('logit_bias'),
+      loss_type=loss_config.contrastive_type, impl=loss_config.contrastive_impl, mesh=mesh,
+      batch_axes=sharding.BATCH_AXES)
+
+
+def _metrics(contrastive: jax.Array, caption: jax.Array, temperature: dict[str, jax.Array],
+             loss_config: LossConfig) -> dict[str, jax.Array]:
+  total = loss_config.contrastive_weight * contrastive + loss_config.caption_weight * caption
+  return {'loss': total, 'contrastive_loss': contrastive, 'caption_loss': caption,
+          **temperature}
+
+
+def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConfig,
+                   mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted total loss and its parts (and the temperature) for one global batch."""
   out = model.apply({'params': params}, batch['images'], batch['tokens'])
-  contrastive = losses.softmax_contrastive_loss(out['image_emb'], out['text_emb'],
-                                                out['logit_scale'])
+  temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}
+  contrastive = _contrastive(out['image_emb'], out['text_emb'], temperature, loss_config, mesh)
   caption = (losses.caption_loss(out['caption_logits'], batch['tokens'])
              if 'caption_logits' in out else jnp.zeros((), jnp.float32))
-  total = weights.contrastive * contrastive + weights.caption * caption
-  return total, {'loss': total, 'contrastive_loss': contrastive, 'caption_loss': caption,
-                 'logit_scale': out['logit_scale']}
+  metrics = _metrics(contrastive, caption, temperature, loss_config)
+  return metrics['loss'], metrics
+
+
+def _split_microbatches(x: jax.Array, count: int, mesh: Mesh | None) -> jax.Array:
+  """[B, ...] -> [K, B/K, ...] where microbatch k is rows k, K+k, 2K+k, ...
+
+  Strided rather than contiguous so that every microbatch is spread over all devices: each
+  device's contiguous block of the batch holds an equal share of every microbatch.
+  """
+  x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+  return sharding.constrain_microbatches(x, mesh) if mesh is not None else x
+
+
+def _merge_microbatches(x: jax.Array) -> jax.Array:
+  """Inverse of `_split_microbatches`: [K, B/K, ...] -> [B, ...] in the original order."""
+  return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.Array], Any]:
+  """Metrics and gradients of `compute_losses` over the whole batch, one microbatch at a time."""
+  model, params, config, mesh = state.model, state.params, state.loss_config, state.mesh
+  micro = jax.tree.map(lambda x: _split_microbatches(x, state.microbatches, mesh), batch)
+
+  # 1. Every embedding of the global batch, without gradients (no activations are kept).
+  def embed(mb: Batch) -> tuple[jax.Array, jax.Array]:
+    return model.apply({'params': params}, mb['images'], mb['tokens'], method=CoCa.embed)
+  image_emb, text_emb = jax.tree.map(_merge_microbatches, jax.lax.map(embed, micro))
+
+  # 2. The contrastive loss over all of them, and its gradient with respect to each
+  #    embedding and to the temperature parameters.
+  def contrastive_of(image_emb, text_emb, params):
+    temperature = model.apply({'params': params}, method=CoCa.temperature)
+    return _contrastive(image_emb, text_emb, temperature, config, mesh), temperature
+  (contrastive, temperature), (image_grad, text_grad, grads) = jax.value_and_grad(
+      contrastive_of, argnums=(0, 1, 2), has_aux=True)(image_emb, text_emb, params)
+  grads = jax.tree.map(lambda g: config.contrastive_weight * g, grads)
+  image_grad, text_grad = (_split_microbatches(g, state.microbatches, mesh)
+                           for g in (image_grad, text_grad))
+
+  # 3. Each microbatch with gradients: d(loss)/d(params) = sum over embeddings of
+  #    d(loss)/d(embedding) . d(embedding)/d(params), plus the microbatch's share of the
+  #    caption loss (a mean over the non-padding targets of the whole batch).
+  has_caption = bool(model.text_decoder.multimodal_layers)
+  targets = jnp.maximum(jnp.sum(batch['tokens'][:, 1:] != PAD_ID), 1).astype(jnp.float32)
+
+  def accumulate(carry, xs):
+    mb, image_grad, text_grad = xs
+
+    def surrogate(params):
+      out = model.apply({'params': params}, mb['images'], mb['tokens'])
+      value = config.contrastive_weight * (jnp.sum(out['image_emb'] * image_grad) +
+                                           jnp.sum(out['text_emb'] * text_grad))
+      caption_sum = jnp.zeros((), jnp.float32)
+      if has_caption:
+        count = jnp.sum(mb['tokens'][:, 1:] != PAD_ID).astype(jnp.float32)
+        caption_sum = losses.caption_loss(out['caption_logits'], mb['tokens']) * count
+      return value + config.caption_weight * caption_sum / targets, caption_sum
+
+    micro_grads, caption_sum = jax.grad(surrogate, has_aux=True)(params)
+    grads, caption_total = carry
+    return (jax.tree.map(jnp.add, grads, micro_grads), caption_total + caption_sum), None
+
+  (grads, caption_total), _ = jax.lax.scan(
+      accumulate, (grads, jnp.zeros((), jnp.float32)), (micro, image_grad, text_grad))
+  return _metrics(contrastive, caption_total / targets, temperature, config), grads
 
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on one global batch; returns the new state and `train/*` metrics."""
-  grad_fn = jax.value_and_grad(compute_losses, argnums=1, has_aux=True)
-  (_, metrics), grads = grad_fn(state.model, state.params, batch, state.loss_weights)
+  if state.microbatches > 1:
+    metrics, grads = _microbatched_grads(state, batch)
+  else:
+    grad_fn = jax.value_and_grad(compute_losses, argnums=1, has_aux=True)
+    (_, metrics), grads = grad_fn(state.model, state.params, batch, state.loss_config,
+                                  state.mesh)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
@@ -98,13 +196,14 @@ def create_train_state(model: CoCa, tx: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, mesh: Mesh,
                        rng: jax.Array) -> tuple[TrainState, Any]:
   """A new state created directly in its shardings; returns (state, state shardings)."""
-  weights = LossWeights.from_config(config.loss)
+  loss_config = LossConfig.from_config(config.loss)
 
   def boxed_state(rng):
     params = init_params(model, config, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-                      loss_weights=weights)
+                      loss_config=loss_config, mesh=mesh,
+                      microbatches=int(config.microbatches))
 
   abstract = _relax_names(jax.eval_shape(boxed_state, rng))
   shardings = sharding.logical_shardings(abstract, mesh)

@@ -12,7 +12,7 @@ import json
 import logging as std_logging
 import os
 import time
-from typing import Any
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import checkpoint, sharding, step as step_lib
+from vlrep import checkpoint, distributed, losses, sharding, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator
@@ -41,6 +41,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'{field} must be positive, got {config[field]}')
   if config.eval_every_steps < 0:
     raise ValueError('eval_every_steps must be >= 0 (0 turns evaluation off)')
+  if config.microbatches < 1:
+    raise ValueError(f'microbatches must be >= 1, got {config.microbatches}')
+  for field, allowed in (('contrastive_type', losses.CONTRASTIVE_TYPES),
+                         ('contrastive_impl', losses.CONTRASTIVE_IMPLS)):
+    if config.loss[field] not in allowed:
+      raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
   pipeline.make_source(config.data.train, config.data.image_size)
 
 
@@ -58,11 +64,16 @@ def _log_progress(step: int, total: int, metrics: dict[str, float], eta_s: float
                metrics['train/examples_per_s'], _format_duration(eta_s))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to `config.total_steps`; returns the final evaluation results."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+  """Trains (or resumes) to `config.total_steps`; returns the final evaluation results.
+
+  The mesh spans `devices` (default: all devices of all processes).
+  """
   validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_per_process(config.batch_size, mesh)  # fails early if it cannot divide
+  mesh = sharding.make_mesh(config.mesh, devices)
+  # Fails before anything compiles if the batch cannot be split evenly.
+  sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -86,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=0)
   evaluator = Evaluator(config) if config.eval_every_steps else None
-  pretrained = Pretrained(config, state.params, batch_size=config.eval_batch_size)
+  pretrained = Pretrained(config, state.params, batch_size=config.eval_batch_size, mesh=mesh)
   writer = MetricWriter(workdir)
 
   def evaluate(step: int) -> dict[str, float]:
@@ -143,6 +154,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_quiet_library_logs)
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  distributed.initialize()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

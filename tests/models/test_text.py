@@ -12,7 +12,7 @@ import flax.linen as nn
 
 def _model_and_params(config):
   model = build_model(config)
-  return model, nn.unbox(init_params(model, config, jax.random.key(1)))
+  return model, jax.jit(lambda rng: nn.unbox(init_params(model, config, rng)))(jax.random.key(1))
 
 
 def _tokens(config, texts):

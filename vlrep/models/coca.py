@@ -14,11 +14,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlrep.models.layers import AttentionalPooler, Dtype, default_kernel_init, logical
+from vlrep.models.layers import (REMAT_MODES, AttentionalPooler, Dtype, default_kernel_init,
+                                 logical)
 from vlrep.models.text import TextDecoder
 from vlrep.models.vision import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0
+# What `CoCa.temperature` returns and `__call__` outputs: the contrastive loss's learned
+# scale, and its bias for sigmoid (SigLIP) losses.
+TEMPERATURE_KEYS = ('logit_scale', 'logit_bias')
+# (temperature, bias) at initialisation for each `loss.contrastive_type`: CLIP's 0.07 and no
+# bias; SigLIP's t' = log 10 (temperature 0.1) and b = -10, so that the many negatives'
+# sigmoids start near zero.
+TEMPERATURE_INIT = {'softmax': (0.07, None), 'sigmoid': (0.1, -10.0)}
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -33,6 +41,7 @@ class CoCa(nn.Module):
   captioning_queries: int
   pooler: str = 'cascade'  # 'cascade': contrastive pooler reads the captioning pooler's output
   temperature_init: float = 0.07
+  logit_bias_init: float | None = None  # None: no bias (softmax losses)
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -45,10 +54,20 @@ class CoCa(nn.Module):
     self.text_projection = projection()
     self.logit_scale_log = self.param(
         'logit_scale', logical(nn.initializers.constant(math.log(1 / self.temperature_init))), ())
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param('logit_bias',
+                                   logical(nn.initializers.constant(self.logit_bias_init)), ())
 
   def logit_scale(self) -> jax.Array:
     """exp(learned log-scale), clipped at 100 (temperature >= 0.01)."""
     return jnp.exp(jnp.minimum(self.logit_scale_log, math.log(MAX_LOGIT_SCALE)))
+
+  def temperature(self) -> dict[str, jax.Array]:
+    """{'logit_scale'} and, for sigmoid losses, {'logit_bias'}: the loss's learned scalars."""
+    out = {'logit_scale': self.logit_scale()}
+    if self.logit_bias_init is not None:
+      out['logit_bias'] = self.logit_bias
+    return out
 
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (L2-normalised embedding [B, E], captioning tokens [B, queries, W] or None)."""
@@ -69,11 +88,15 @@ class CoCa(nn.Module):
     """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`."""
     image_emb, caption_tokens = self.encode_image(images)
     text_emb, token_features = self.encode_text(tokens)
-    out = {'image_emb': image_emb, 'text_emb': text_emb, 'logit_scale': self.logit_scale()}
+    out = {'image_emb': image_emb, 'text_emb': text_emb, **self.temperature()}
     if self.text_decoder.multimodal_layers:
       out['caption_logits'] = self.text_decoder.caption_logits(token_features[:, :-1],
                                                                caption_tokens)
     return out
+
+  def embed(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(image embeddings, text embeddings) only: what the contrastive loss reads."""
+    return self.encode_image(images)[0], self.encode_text(tokens)[0]
 
   def decode_step(self, token: jax.Array, caption_tokens: jax.Array | None) -> jax.Array:
     """One decoding step from the KV cache: token [B, 1] -> logits [B, V]."""
@@ -87,20 +110,29 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   """The CoCa module described by `config.model` (`decode=True` for cached decoding).
 
   The text length comes from `config.data.max_text_len`, so data and model always agree.
+  `model.remat` and `model.scan_layers` apply to every transformer stack (see
+  `layers.BlockStack`); configs saved before they existed read as 'none' and False.
   """
   model = config.model
   vision, text = model.vision, model.text
   if model.pooler not in POOLERS:
     raise ValueError(f'model.pooler={model.pooler!r}; expected one of {POOLERS}')
+  remat, scan_layers = model.get('remat', 'none'), bool(model.get('scan_layers', False))
+  if remat not in REMAT_MODES:
+    raise ValueError(f'model.remat={remat!r}; expected one of {REMAT_MODES}')
   dtype = jnp.float32
+  temperature_init, bias_init = TEMPERATURE_INIT[config.loss.get('contrastive_type', 'softmax')]
   return CoCa(
       image_encoder=VisionTransformer(
           patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
           num_heads=vision['heads'], mlp_dim=vision['mlp_dim'],
-          stem_channels=tuple(vision['stem_channels']), dtype=dtype),
+          stem_channels=tuple(vision['stem_channels']), remat=remat, scan_layers=scan_layers,
+          dtype=dtype),
       text_decoder=TextDecoder(
           vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
           unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
-          num_heads=text['heads'], mlp_dim=text['mlp_dim'], decode=decode, dtype=dtype),
+          num_heads=text['heads'], mlp_dim=text['mlp_dim'], decode=decode, remat=remat,
+          scan_layers=scan_layers, dtype=dtype),
       embed_dim=model['embed_dim'], captioning_queries=model['captioning_queries'],
-      pooler=model['pooler'], dtype=dtype)
+      pooler=model['pooler'], temperature_init=temperature_init, logit_bias_init=bias_init,
+      dtype=dtype)

@@ -5,19 +5,34 @@ pooler (learned queries, one attention layer). Every parameter is created with l
 names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) that `vlrep/sharding.py` maps to mesh
 axes; nothing here knows about meshes. Attention layers can run autoregressively
 (`decode=True`), keeping keys and values in the `cache` collection.
+
+`BlockStack` runs a tower's blocks, optionally rematerialised (`remat`) and/or as one
+`nn.scan` over a single block definition (`scan_layers`), whose parameters and caches then
+carry a leading axis named `layers`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
 default_kernel_init = nn.initializers.xavier_uniform()
+
+REMAT_MODES = ('none', 'full', 'minimal')
+# What `remat='minimal'` keeps from the forward pass of a block: the outputs of its dense
+# projections (named with `checkpoint_name` below), O(T * W^2) matmuls that hold most of a
+# block's FLOPs at these sequence lengths. Dropped and recomputed: LayerNorms, GELU and the
+# residual sums (element-wise) and the attention core (scores, softmax, weighted sum;
+# O(T * S * W)), whose [B, heads, T, S] probabilities grow with the square of the length.
+# `fc2`'s output is not saved: its backward never reads it, and the sum it feeds is
+# the block's output, which the next block (or the loss) keeps anyway.
+MINIMAL_REMAT_SAVES = ('query', 'key', 'value', 'attention_out', 'mlp_hidden')
 
 
 def logical(init: nn.initializers.Initializer, *names: str | None) -> nn.initializers.Initializer:
@@ -42,6 +57,7 @@ class Mlp(nn.Module):
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1',
                  kernel_init=logical(default_kernel_init, 'embed', 'mlp'),
                  bias_init=logical(nn.initializers.zeros, 'mlp'))(x)
+    h = checkpoint_name(h, 'mlp_hidden')
     h = nn.gelu(h, approximate=True)
     return nn.Dense(width, dtype=self.dtype, name='fc2',
                     kernel_init=logical(default_kernel_init, 'mlp', 'embed'),
@@ -77,18 +93,20 @@ class Attention(nn.Module):
                              kernel_init=logical(default_kernel_init, 'embed', 'heads', 'kv'),
                              bias_init=logical(nn.initializers.zeros, 'heads', 'kv'))
 
-    query = project('query')(x)
+    query = checkpoint_name(project('query')(x), 'query')
     if self.cross and self.decode:
       key, value = self._cached_context(project, context)
     else:
       source = x if context is None else context
-      key, value = project('key')(source), project('value')(source)
+      key = checkpoint_name(project('key')(source), 'key')
+      value = checkpoint_name(project('value')(source), 'value')
       if self.decode:
         key, value, mask = self._append_to_cache(key, value)
     out = jax.nn.dot_product_attention(query, key, value, mask=mask)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
-                           kernel_init=logical(default_kernel_init, 'heads', 'kv', 'embed'),
-                           bias_init=logical(nn.initializers.zeros, 'embed'))(out)
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
+                          kernel_init=logical(default_kernel_init, 'heads', 'kv', 'embed'),
+                          bias_init=logical(nn.initializers.zeros, 'embed'))(out)
+    return checkpoint_name(out, 'attention_out')
 
   def _append_to_cache(self, key, value):
     initialized = self.has_variable('cache', 'cached_key')
@@ -137,6 +155,74 @@ class Block(nn.Module):
                         name='cross_attention')(layer_norm('ln_cross', self.dtype)(x), context)
     x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(layer_norm('ln_mlp', self.dtype)(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+
+def remat_policy(remat: str) -> Callable[..., bool] | None:
+  """The `jax.checkpoint` policy of a remat mode; None for 'none' (no rematerialisation)."""
+  if remat not in REMAT_MODES:
+    raise ValueError(f'remat={remat!r}; expected one of {REMAT_MODES}')
+  if remat == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  if remat == 'minimal':
+    return jax.checkpoint_policies.save_only_these_names(*MINIMAL_REMAT_SAVES)
+  return None
+
+
+class BlockStack:
+  """`num_layers` Blocks applied in sequence: `stack(x, mask=None, context=None) -> x`.
+
+  Build it inside the `setup` or compact method of the module that owns the tower. It is
+  not a Module itself so that its blocks are direct children of that module: the parameter
+  paths stay `<name>_<i>/...` as without it, and with `scan_layers` become `<name>/...`
+  with every leaf stacked on a leading axis of length `num_layers`, logically named
+  `layers`. With `decode=True` the `cache` collection is stacked the same way.
+
+  `mask` and `context` are the same for every layer, so the scan broadcasts them (either
+  may be None, as in decoding steps after the first).
+
+  Unrolled, `remat` leaves it to XLA's scheduler when to recompute: with XLA:CPU's default
+  (concurrency-optimised) scheduler it saved no memory in our measurements, with its
+  memory-minimising one (`--xla_cpu_enable_concurrency_optimized_scheduler=false`) it did.
+  Scanned, the loop fixes the order, and the saving is there either way.
+  """
+
+  def __init__(self, name: str, num_layers: int, *, remat: str = 'none',
+               scan_layers: bool = False, **block_kwargs: Any):
+    policy = remat_policy(remat)  # validates `remat` in decode mode too
+    # Decoding has no backward pass, so there is nothing to rematerialise.
+    self._policy = None if block_kwargs.get('decode') else policy
+    self.num_layers, self.scan_layers = num_layers, scan_layers
+    if scan_layers:
+      names = [name] if num_layers else []
+    else:
+      names = [f'{name}_{i}' for i in range(num_layers)]
+    self.blocks = tuple(Block(**block_kwargs, name=n) for n in names)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               context: jax.Array | None = None) -> jax.Array:
+    def apply_block(block, x, mask, context):
+      return block(x, mask=mask, context=context)
+
+    if self._policy is not None:
+      # Inside a scan, jax.checkpoint's CSE barrier is unneeded (the loop already prevents
+      # XLA from merging the recompute into the forward pass) and only costs speed.
+      apply_block = nn.remat(apply_block, policy=self._policy,
+                             prevent_cse=not self.scan_layers)
+    if not self.scan_layers:
+      for block in self.blocks:
+        x = apply_block(block, x, mask, context)
+      return x
+    if not self.blocks:
+      return x
+    scanned = nn.scan(
+        lambda block, x, mask, context: (apply_block(block, x, mask, context), None),
+        variable_axes={'params': 0, 'cache': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = scanned(self.blocks[0], x, mask, context)
+    return x
 
 
 class AttentionalPooler(nn.Module):

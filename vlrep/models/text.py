@@ -6,7 +6,8 @@ so the [CLS] output does not depend on how much padding follows the caption. The
 multimodal layers continue from the unimodal token outputs, cross-attend to the image
 tokens and predict the next token. Both halves are causal, so one pass serves the
 contrastive and the captioning loss. With `decode=True` both halves run one token at a
-time from a KV cache (see `vlrep/decode.py`).
+time from a KV cache (see `vlrep/decode.py`). Each half is a `BlockStack`: blocks
+`unimodal_<i>` / `multimodal_<i>`, or with `scan_layers` one scanned `unimodal` / `multimodal`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vlrep.data.tokenizer import PAD_ID
-from vlrep.models.layers import Block, Dtype, default_kernel_init, layer_norm, logical
+from vlrep.models.layers import BlockStack, Dtype, default_kernel_init, layer_norm, logical
 
 
 class TextDecoder(nn.Module):
@@ -29,6 +30,8 @@ class TextDecoder(nn.Module):
   num_heads: int
   mlp_dim: int
   decode: bool = False
+  remat: str = 'none'
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -40,12 +43,12 @@ class TextDecoder(nn.Module):
                                 (self.max_len + 1, self.width))
     self.cls_embed = self.param('cls_embed', logical(nn.initializers.normal(0.02), 'embed'),
                                 (self.width,))
-    self.unimodal = [Block(self.num_heads, self.mlp_dim, decode=self.decode, dtype=self.dtype,
-                           name=f'unimodal_{i}') for i in range(self.unimodal_layers)]
+    stack = dict(remat=self.remat, scan_layers=self.scan_layers, num_heads=self.num_heads,
+                 mlp_dim=self.mlp_dim, decode=self.decode, dtype=self.dtype)
+    self.unimodal = BlockStack('unimodal', self.unimodal_layers, **stack)
     self.ln_cls = layer_norm('ln_cls', self.dtype)
-    self.multimodal = [Block(self.num_heads, self.mlp_dim, cross_attention=True,
-                             decode=self.decode, dtype=self.dtype, name=f'multimodal_{i}')
-                       for i in range(self.multimodal_layers)]
+    self.multimodal = BlockStack('multimodal', self.multimodal_layers, cross_attention=True,
+                                 **stack)
     self.ln_final = layer_norm('ln_final', self.dtype)
     if self.decode:  # position of the next token; advanced by `decode_step`
       self.position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
@@ -64,16 +67,13 @@ class TextDecoder(nn.Module):
     x = x + jnp.concatenate([self.pos_embed[:length], self.pos_embed[-1:]]).astype(x.dtype)
     valid = jnp.concatenate([tokens != PAD_ID, jnp.ones((batch, 1), bool)], axis=1)
     mask = nn.make_causal_mask(valid, dtype=bool) & valid[:, None, None, :]
-    for block in self.unimodal:
-      x = block(x, mask=mask)
+    x = self.unimodal(x, mask=mask)
     return self.ln_cls(x[:, -1]), x[:, :-1]
 
   def caption_logits(self, token_features: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """Unimodal token features [B, T, W] + image tokens [B, N, W] -> next-token logits [B, T, V]."""
     mask = nn.make_causal_mask(jnp.ones(token_features.shape[:2], bool), dtype=bool)
-    x = token_features
-    for block in self.multimodal:
-      x = block(x, mask=mask, context=image_tokens)
+    x = self.multimodal(token_features, mask=mask, context=image_tokens)
     return self.output_head(self.ln_final(x))
 
   def decode_step(self, token: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
@@ -86,8 +86,6 @@ class TextDecoder(nn.Module):
     x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed, self.position.value, 1).astype(x.dtype)
     if not self.is_initializing():
       self.position.value += 1
-    for block in self.unimodal:
-      x = block(x)
-    for block in self.multimodal:
-      x = block(x, context=image_tokens)
+    x = self.unimodal(x)
+    x = self.multimodal(x, context=image_tokens)
     return self.output_head(self.ln_final(x))[:, 0]

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlrep.models.layers import Block, Dtype, layer_norm, logical
+from vlrep.models.layers import BlockStack, Dtype, layer_norm, logical
 
 # CLIP's RGB statistics: the convention most image-text checkpoints share.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,7 +32,8 @@ class VisionTransformer(nn.Module):
   `stem_channels` replaces the patchify layer by that many 3x3 stride-2 convolutions (then a
   projection over the remaining patch), as in "Early Convolutions Help Transformers See
   Better" (Xiao et al. 2021): small ViTs then learn shapes from far fewer examples. Empty
-  (the default) is the plain ViT of the CoCa paper.
+  (the default) is the plain ViT of the CoCa paper. `remat` and `scan_layers`: see
+  `BlockStack` (blocks are `block_<i>`, or one scanned `block`).
   """
   patch_size: int
   width: int
@@ -40,6 +41,8 @@ class VisionTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   stem_channels: tuple[int, ...] = ()
+  remat: str = 'none'
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -67,6 +70,6 @@ class VisionTransformer(nn.Module):
     pos = self.param('pos_embed', logical(nn.initializers.normal(0.02), None, 'embed'),
                      x.shape[1:])
     x = x + pos.astype(self.dtype)
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f'block_{i}')(x)
+    x = BlockStack('block', self.depth, remat=self.remat, scan_layers=self.scan_layers,
+                   num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype)(x)
     return layer_norm('ln_final', self.dtype)(x)
