@@ -21,6 +21,13 @@ setup(
         'numpy>=1.26',
         'pillow>=10.0',
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
+        'array-record>=0.5',  # the ingested data format (also a grain dependency)
+        'msgpack>=1.0',  # one record's encoding (vlrep/data/records.py)
+        'sentencepiece>=0.2',  # data.tokenizer=sentencepiece:PATH and its trainer
     ],
-    extras_require={'test': ['pytest>=8.0']},
+    extras_require={
+        # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
+        'tfds': ['tensorflow-datasets>=4.9'],
+        'test': ['pytest>=8.0', 'tensorflow-datasets>=4.9'],
+    },
 )

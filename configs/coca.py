@@ -91,9 +91,20 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.image_size = image_size
   c.data.max_text_len = 64
   c.data.tokenizer = 'bytes'
+  # 'resize' (shorter side to image_size, center crop) or 'random_resized_crop' (50-100%
+  # of the area, seeded per example: the same for any process count and after a resume).
+  c.data.augment = 'resize'
+  # tfds:NAME sources: feature keys ('/' for nested ones) and the data directory ('' = TFDS's
+  # default). A feature with several captions gives one at random per example.
+  c.data.tfds_image_key = 'image'
+  c.data.tfds_caption_key = 'captions/text'
+  c.data.tfds_data_dir = ''
   # Threads that draw/decode examples ahead of the step; on a 2-core CPU more of them
   # only compete with the step.
   c.data.worker_threads = 1
+  # Worker processes (grain mp_prefetch) that decode batches ahead; 0 = in this process.
+  # On a 2-core CPU they were slower than the thread (`vlrep.data.bench`); more cores: use.
+  c.data.workers = 0
 
   c.lock()
   return c

@@ -27,6 +27,14 @@ from vlrep.data.tokenizer import get_tokenizer
 from vlrep.models.coca import CoCa, build_model
 
 
+# Decoding methods of `Pretrained.caption` and the options each accepts.
+CAPTION_METHODS = {
+    'greedy': {'min_len', 'repetition_penalty'},
+    'beam': {'beam_size', 'length_penalty', 'min_len', 'repetition_penalty'},
+    'sample': {'temperature', 'top_k', 'top_p', 'repetition_penalty', 'min_len', 'seed'},
+}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_image(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[0]
@@ -114,21 +122,46 @@ class Pretrained:
     return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
                       np.asarray(tokens, np.int32), self.batch_size, self._batch_sharding)
 
-  def caption_ids(self, images: np.ndarray, max_len: int | None = None) -> np.ndarray:
-    """Greedy-decoded token rows int32 [B, max_len] (`[BOS, ..., EOS, PAD ...]`)."""
+  def caption_ids(self, images: np.ndarray, max_len: int | None = None, *,
+                  method: str = 'greedy', **options: Any) -> np.ndarray:
+    """Decoded token rows int32 [B, max_len] (`[BOS, ..., EOS, PAD ...]`).
+
+    `method` is one of CAPTION_METHODS: 'greedy' (options: min_len, repetition_penalty),
+    'beam' (beam_size, length_penalty, min_len, repetition_penalty) or 'sample'
+    (temperature, top_k, top_p, repetition_penalty, min_len, seed); see `vlrep.decode`.
+    """
     if not self.config.model.text.multimodal_layers:
       raise ValueError('this model has no multimodal layers, so it cannot caption')
+    if method not in CAPTION_METHODS:
+      raise ValueError(f'method={method!r}; expected one of {tuple(CAPTION_METHODS)}')
+    unknown = set(options) - CAPTION_METHODS[method]
+    if unknown:
+      raise ValueError(f'options {sorted(unknown)} do not apply to method {method!r}')
     max_len = max_len or self.config.data.max_text_len
     images = self.preprocess_images(images)
+    if method == 'sample':
+      rng = jax.random.key(options.pop('seed', 0))
+      chunks = iter(range(len(images)))  # a different key for each chunk
+
+      def decode_chunk(context):
+        key = jax.random.fold_in(rng, next(chunks))
+        return decode.sample(self.decoder, self.params, context, max_len, key, **options)
+    elif method == 'beam':
+      decode_chunk = lambda context: decode.beam_search(self.decoder, self.params, context,
+                                                        max_len, **options)
+    else:
+      decode_chunk = lambda context: decode.greedy(self.decoder, self.params, context,
+                                                   max_len, **options)
 
     def run(chunk):
-      context = _caption_tokens(self.model, self.params, chunk)
-      return decode.greedy(self.decoder, self.params, context, max_len)
+      return decode_chunk(_caption_tokens(self.model, self.params, chunk))
     return _in_chunks(run, images, self.batch_size, self._batch_sharding)
 
-  def caption(self, images: np.ndarray, max_len: int | None = None) -> list[str]:
-    """Greedy captions, one string per image."""
-    return [self.tokenizer.decode(row) for row in self.caption_ids(images, max_len)]
+  def caption(self, images: np.ndarray, max_len: int | None = None, *, method: str = 'greedy',
+              **options: Any) -> list[str]:
+    """Captions, one string per image; arguments as `caption_ids`."""
+    return [self.tokenizer.decode(row)
+            for row in self.caption_ids(images, max_len, method=method, **options)]
 
 
 def load(workdir: str, step: int | None = None) -> Pretrained:

@@ -47,7 +47,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ('contrastive_impl', losses.CONTRASTIVE_IMPLS)):
     if config.loss[field] not in allowed:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
-  pipeline.make_source(config.data.train, config.data.image_size)
+  pipeline.source_from_config(config, config.data.train)
+  if config.eval_every_steps:
+    pipeline.source_from_config(config, config.data.eval)
 
 
 def _format_duration(seconds: float) -> str:
@@ -123,6 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       now = time.time()
       seconds_per_step = (now - last_log_time) / (step - last_log_step)
       metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
+      # Undecodable records replaced since this process started (pipeline._SkipFailed).
+      metrics['data/skipped'] = pipeline.skipped_count()
       writer.write(step, metrics)
       _log_progress(step, config.total_steps, metrics,
                     seconds_per_step * (config.total_steps - step))

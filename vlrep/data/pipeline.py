@@ -1,35 +1,88 @@
 """grain pipelines: from a source string to this process's slice of every global batch.
 
-Source strings (`config.data.train`, `config.data.eval`): `synthetic[:SPLIT]` (the embedded
-data set, `vlrep/data/synthetic.py`); ArrayRecord and TFDS sources plug into `make_source`.
+Source strings (`config.data.train`, `config.data.eval`) are parsed by
+`vlrep/data/sources.py`: `synthetic[:SPLIT]`, `arrayrecord:PATH`, `tfds:NAME[/CONFIG][:SPLIT]`.
 The training stream is the source shuffled with `config.seed` and repeated (reshuffled each
-epoch); global batch `b` is elements [b*B, (b+1)*B) of that stream, and process `p` of `P`
-reads the contiguous slice p*B/P .. (p+1)*B/P of it. So a batch's content depends on the seed
-and the step only, never on the number of processes or devices, and the iterator's state
-(saved in every checkpoint) is a position in that stream.
+epoch), then decoded and augmented with a generator seeded by (seed, position in the stream);
+global batch `b` is elements [b*B, (b+1)*B) of that stream, and process `p` of `P` reads the
+contiguous slice p*B/P .. (p+1)*B/P of it. So a batch's content depends on the seed and the
+step only, never on the number of processes or devices, and the iterator's state (saved in
+every checkpoint) is a position in that stream. A record that fails to decode is replaced by
+the next one of the stream and counted (`skipped_count`, logged as `data/skipped`), never
+fatal. `data.workers` > 0 moves batch making into grain worker processes (`mp_prefetch`),
+whose state also checkpoints exactly.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
+import threading
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
-from vlrep.data.synthetic import SyntheticShapes
-from vlrep.data.tokenizer import ByteTokenizer, get_tokenizer
+from vlrep.data import transforms
+from vlrep.data.sources import SOURCES, make_source, source_from_config  # noqa: F401 (API)
+from vlrep.data.tokenizer import get_tokenizer
 
-SOURCES = ('synthetic[:train|test]',)
+# A record is tried this many stream positions ahead before a run gives up: by then the data
+# is broken, not a few files.
+_MAX_SUBSTITUTES = 64
+_SKIP_ERRORS = transforms.DECODE_ERRORS
+_LOGGED_SKIPS = 10
+
+_skipped = 0
+_skipped_lock = threading.Lock()
 
 
-def make_source(spec: str, image_size: int) -> Any:
-  """A random-access source (len + getitem returning dicts with `image` and `caption`)."""
-  name, _, arg = spec.partition(':')
-  if name == 'synthetic':
-    return SyntheticShapes(arg or 'train', image_size)
-  raise ValueError(f'Unknown data source {spec!r}; known: {", ".join(SOURCES)}')
+def skipped_count() -> int:
+  """Undecodable records in the batches this process has returned since it started.
+
+  Process-local and not checkpointed: after a resume it counts from 0 again.
+  """
+  return _skipped
+
+
+class _SkipFailed(grain.MapDataset):
+  """Position i of the global stream: the first element i, i+1, ... that decodes.
+
+  Substituting here, before `_ProcessSlice`, keeps a global batch independent of the process
+  count: every process computes the same substitutes from global positions alone (a filter
+  after slicing would shift each process's slice by its own skips). The substitute is the
+  next element, so it appears twice; with rare bad records that costs nothing. A failed
+  position is marked `skipped: 1` and counted once, by the process whose slice holds it.
+  """
+
+  def __init__(self, parent: grain.MapDataset):
+    super().__init__(parent)
+    self._logged = 0
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    error = None
+    for offset in range(_MAX_SUBSTITUTES):
+      try:
+        example = self._parent[index + offset]
+      except _SKIP_ERRORS as e:
+        error = e
+        if self._logged < _LOGGED_SKIPS:
+          self._logged += 1
+          logging.warning('skipping undecodable record at stream position %d: %s',
+                          index + offset, e)
+        continue
+      return {**example, 'skipped': int(offset > 0)}
+    raise RuntimeError(f'{_MAX_SUBSTITUTES} records in a row failed to decode, the last with: '
+                       f'{error}')
+
+  def __str__(self) -> str:
+    return 'SkipFailed'
 
 
 class _ProcessSlice(grain.MapDataset):
@@ -57,41 +110,66 @@ class _ProcessSlice(grain.MapDataset):
     return f'ProcessSlice(offset={self._offset}, local_batch={self._local_batch})'
 
 
-class _Tokenize(grain.transforms.Map):
-  """{image, caption} -> {images: uint8 [H, W, 3], tokens: int32 [L]}."""
+class _CountSkips(grain.transforms.Map):
+  """Moves a batch's `skipped` marks into this process's counter (after any workers)."""
 
-  def __init__(self, tokenizer: ByteTokenizer, max_len: int):
-    self._tokenizer, self._max_len = tokenizer, max_len
-
-  def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    tokens = self._tokenizer.encode([example['caption']], self._max_len)[0]
-    return {'images': example['image'], 'tokens': tokens}
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    global _skipped
+    skipped = int(np.sum(batch.pop('skipped')))
+    if skipped:
+      with _skipped_lock:
+        _skipped += skipped
+    return batch
 
 
 def train_dataset(config: ml_collections.ConfigDict, process_index: int,
                   process_count: int) -> grain.IterDataset:
   """This process's infinite stream of training batches (dicts of numpy arrays)."""
-  source = make_source(config.data.train, config.data.image_size)
+  data = config.data
+  source = source_from_config(config, data.train)
   stream = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
+  # On the global stream, so random_map's generator is seeded by (seed, global position).
+  decode = transforms.DecodeAndAugment(data.image_size, data.get('augment', 'resize'))
+  stream = _SkipFailed(stream.random_map(decode))
   local = _ProcessSlice(stream, config.batch_size, process_index, process_count)
-  tokenize = _Tokenize(get_tokenizer(config.data.tokenizer), config.data.max_text_len)
+  tokenize = transforms.Tokenize(get_tokenizer(data.tokenizer), data.max_text_len)
   batches = local.map(tokenize).batch(config.batch_size // process_count, drop_remainder=True)
   # Elements are whole batches here: keep only a couple ahead, so that filling the buffer
   # does not compete with the train step for the CPU.
-  threads = int(config.data.worker_threads)
-  return batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                   prefetch_buffer_size=max(threads, 1) + 1))
+  threads = int(data.worker_threads)
+  out = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                  prefetch_buffer_size=max(threads, 1) + 1))
+  if data.get('workers', 0):
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read its absl flags; a program run with app.run has parsed them,
+      # a library caller (tests, notebooks) has not: take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.workers),
+                                                       per_worker_buffer_size=2))
+  return out.map(_CountSkips())
 
 
 def eval_examples(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The first `config.data.eval_examples` of the eval source, in order, as numpy arrays.
 
-  Returns `images` uint8 [N, H, W, 3], `captions` (list of N str), any `labels/*` arrays and
-  `zero_shot_tasks` (the source's {task: (class names, templates)}, empty if it has none).
+  Images are center-resized to `data.image_size` and the first caption is kept; undecodable
+  records are left out (with a warning). Returns `images` uint8 [N, H, W, 3], `captions`
+  (list of N str), any `labels/*` arrays and `zero_shot_tasks` (the source's {task: (class
+  names, templates)}, empty if it has none).
   """
-  source = make_source(config.data.eval, config.data.image_size)
+  source = source_from_config(config, config.data.eval)
   count = min(int(config.data.eval_examples), len(source))
-  examples = [source[i] for i in range(count)]
+  examples, index = [], 0
+  while len(examples) < count and index < len(source):
+    try:
+      example = source[index]
+      example = {**example, 'image': transforms.decode_image(example['image'],
+                                                             config.data.image_size),
+                 'caption': transforms.captions_of(example)[0]}
+      examples.append(example)
+    except _SKIP_ERRORS as error:
+      logging.warning('eval: skipping undecodable record %d: %s', index, error)
+    index += 1
   out: dict[str, Any] = {'images': np.stack([e['image'] for e in examples]),
                          'captions': [e['caption'] for e in examples],
                          'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {})}

@@ -1,0 +1,26 @@
+"""The data benchmark: measures a pipeline, and its command line ends with one JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from vlrep.data import bench
+
+
+def test_measure_reports_a_rate(config):
+  result = bench.measure(config, batches=2)
+  assert result['examples_per_s'] > 0 and result['batches_per_s'] > 0
+
+
+def test_command_line_writes_records_and_prints_json_last(tmp_path):
+  records = os.path.join(tmp_path, 'records')
+  out = subprocess.run(
+      [sys.executable, '-m', 'vlrep.data.bench', f'--source=arrayrecord:{records}',
+       f'--write_records={records}', '--records=20', '--record_image_size=24',
+       '--image_size=16', '--batch_size=8', '--batches=2', '--augment=random_resized_crop'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['examples_per_s'] > 0 and result['batch_size'] == 8
+  assert result['source'] == f'arrayrecord:{records}'

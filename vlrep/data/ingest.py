@@ -1,0 +1,364 @@
+"""Turns a user's image-caption pairs into sharded ArrayRecord files the training pipeline reads.
+
+`python -m vlrep.data.ingest --input=PATH --output=DIR` accepts a CSV/TSV with `image` and
+`caption` columns (image paths relative to the file; rows repeating an image add captions to one
+record), a folder of images with same-named `.txt` caption files (one caption a line), or a glob
+of webdataset tar shards as img2dataset writes them (`key.jpg`, `key.txt`, `key.json`);
+`vlrep.data.ingest_inputs` reads these layouts into samples. Every image is validated (decoded
+in full, size-checked) in parallel worker processes and stored as its original encoded bytes in
+a `vlrep.data.records` record; broken rows are skipped and counted by reason, and only an input
+with no valid row at all is an error. The output is `DIR/data-XXXXX-of-YYYYY.array_record` plus
+`DIR/manifest.json`, and is byte-identical for the same input: records keep the input's order
+(CSV rows, sorted paths). Skip reasons: missing_image, empty_image, unreadable_image,
+not_an_image, unsupported_format, truncated_image, image_too_large, missing_caption,
+empty_caption, bad_caption_encoding, corrupt_tar_member, corrupt_tar (a shard, or its rest,
+unreadable), bad_csv_row; bad or duplicate captions beside a good one are dropped and counted
+under `dropped_captions`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import warnings
+from typing import Any, Iterable, Iterator, Sequence
+
+from absl import app, flags
+from array_record.python import array_record_module
+from PIL import Image, ImageOps
+
+from vlrep.data import ingest_inputs, records
+
+DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+RECORDS_PER_SHARD = 10_000
+# Formats the training pipeline's decoder (PIL) reads reliably; MPO is a camera JPEG.
+IMAGE_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'WEBP', 'BMP', 'GIF', 'TIFF'})
+MANIFEST = 'manifest.json'
+_CHUNK = 16  # samples per task sent to a worker: amortises pickling without hurting balance
+
+
+class NoValidRecordsError(ValueError):
+  """Every row of the input was skipped."""
+
+
+class _Skip(Exception):
+  """A row is skipped; `args[0]` is the reason counted in the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  max_pixels: int
+  max_side: int
+  max_image_bytes: int
+
+
+def _decode_caption(raw: bytes) -> str:
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError:
+    raise _Skip('bad_caption_encoding') from None
+  return text.lstrip('\ufeff').strip()
+
+
+def _captions(sample: ingest_inputs.Sample, dropped: collections.Counter) -> list[str]:
+  """The sample's distinct non-empty captions; bad ones beside good ones go to `dropped`."""
+  if sample.caption_path is not None:
+    try:
+      with open(sample.caption_path, 'rb') as file:
+        raw = file.read()
+    except OSError:
+      raise _Skip('missing_caption') from None
+    texts = [line.strip() for line in _decode_caption(raw).splitlines()]
+    captions = list(dict.fromkeys(text for text in texts if text))
+    if not captions:
+      raise _Skip('empty_caption')
+    return captions
+  captions, problems = [], []
+  for raw in sample.captions:
+    try:
+      text = _decode_caption(raw)
+      if not text:
+        raise _Skip('empty_caption')
+    except _Skip as skip:
+      problems.append(skip.args[0])
+      continue
+    if text in captions:
+      problems.append('duplicate_caption')
+    else:
+      captions.append(text)
+  if not captions:
+    raise _Skip(problems[0] if problems else 'missing_caption')
+  dropped.update(problems)
+  return captions
+
+
+def _read_image(sample: ingest_inputs.Sample, options: _Options) -> bytes:
+  if sample.image_bytes is not None:
+    return sample.image_bytes
+  try:
+    if os.path.getsize(sample.image_path) > options.max_image_bytes:
+      raise _Skip('image_too_large')
+    with open(sample.image_path, 'rb') as file:
+      return file.read()
+  except FileNotFoundError:
+    raise _Skip('missing_image') from None
+  except OSError:
+    raise _Skip('unreadable_image') from None
+
+
+def _downscale(image: Image.Image, max_side: int) -> bytes:
+  """JPEG (quality 95) of `image` fitted in max_side x max_side, upright, alpha on white."""
+  image = ImageOps.exif_transpose(image)  # re-encoding drops the EXIF orientation tag
+  if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+    rgba = image.convert('RGBA')
+    image = Image.new('RGB', rgba.size, (255, 255, 255))
+    image.paste(rgba, mask=rgba.getchannel('A'))
+  else:
+    image = image.convert('RGB')
+  image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def _validate_image(data: bytes, options: _Options) -> bytes:
+  """The bytes to store: `data` itself, or a downscaled JPEG under --max_side."""
+  if not data:
+    raise _Skip('empty_image')
+  with warnings.catch_warnings():
+    # PIL's own decompression-bomb guard fires from the header alone: count it, don't warn.
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    reason = 'not_an_image'
+    try:
+      image = Image.open(io.BytesIO(data))
+      reason = 'truncated_image'  # the header parsed: a cut or corrupt body fails in load()
+      width, height = image.size
+      if image.format in IMAGE_FORMATS and 0 < width * height <= options.max_pixels:
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+      raise _Skip('image_too_large') from None
+    except Exception:  # PIL raises many types on garbage input
+      raise _Skip(reason) from None
+  if image.format not in IMAGE_FORMATS:
+    raise _Skip('unsupported_format')
+  if width * height > options.max_pixels:
+    raise _Skip('image_too_large')
+  if not width * height:
+    raise _Skip('not_an_image')
+  if options.max_side and max(width, height) > options.max_side:
+    return _downscale(image, options.max_side)
+  return data
+
+
+def _process(sample: ingest_inputs.Sample,
+             options: _Options) -> tuple[bytes | None, str | None, int, dict]:
+  """(record, None, captions, dropped) for a valid sample, else (None, reason, 0, {})."""
+  dropped = collections.Counter()
+  try:
+    if sample.skip:
+      raise _Skip(sample.skip)
+    image = _validate_image(_read_image(sample, options), options)
+    captions = _captions(sample, dropped)
+  except _Skip as skip:
+    return None, skip.args[0], 0, {}
+  return records.encode(sample.key, image, captions), None, len(captions), dict(dropped)
+
+
+def _process_chunk(samples: Sequence[ingest_inputs.Sample], options: _Options) -> list[tuple]:
+  previous = Image.MAX_IMAGE_PIXELS
+  # PIL refuses images over twice this outright; keep its guard consistent with ours.
+  Image.MAX_IMAGE_PIXELS = options.max_pixels
+  try:
+    return [_process(sample, options) for sample in samples]
+  finally:
+    Image.MAX_IMAGE_PIXELS = previous
+
+
+def _results(samples: Iterable[ingest_inputs.Sample], options: _Options,
+             workers: int) -> Iterator[tuple]:
+  """`_process` of every sample, in input order, over `workers` processes."""
+  samples = iter(samples)
+  chunks = iter(lambda: list(itertools.islice(samples, _CHUNK)), [])
+  if workers <= 1:
+    for chunk in chunks:
+      yield from _process_chunk(chunk, options)
+    return
+  # forkserver: workers need no copy of a parent that may run threads (JAX), and the
+  # preload imports the heavy dependencies once rather than once a worker. Not this module
+  # itself: under `python -m` workers re-run it as their main, and runpy warns if it is loaded.
+  context = multiprocessing.get_context('forkserver')
+  context.set_forkserver_preload([records.__name__, Image.__name__, array_record_module.__name__])
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pending = collections.deque()
+    for chunk in chunks:
+      pending.append(pool.submit(_process_chunk, chunk, options))
+      if len(pending) >= 4 * workers:  # bounded: tar samples carry their image bytes
+        yield from pending.popleft().result()
+    while pending:
+      yield from pending.popleft().result()
+
+
+class _ShardWriter:
+  """Round-robin over `num_shards` shards, or contiguous RECORDS_PER_SHARD runs if None.
+
+  Shards are written under temporary names, as their final names hold the shard count.
+  """
+
+  def __init__(self, directory: str, num_shards: int | None):
+    self._directory, self._num_shards, self._writers, self.count = directory, num_shards, [], 0
+
+  def _path(self, index: int) -> str:
+    return os.path.join(self._directory, f'.data-{index:05d}.partial')
+
+  def write(self, record: bytes) -> None:
+    shard = (self.count % self._num_shards if self._num_shards
+             else self.count // RECORDS_PER_SHARD)
+    while len(self._writers) <= shard:
+      # group_size:1 makes every record its own chunk: random access (grain) reads one record.
+      self._writers.append(array_record_module.ArrayRecordWriter(
+          self._path(len(self._writers)), 'group_size:1'))
+    self._writers[shard].write(record)
+    self.count += 1
+
+  def close(self, keep: bool) -> list[str]:
+    """The shards' final names if `keep`, else deletes them."""
+    names = [f'data-{i:05d}-of-{len(self._writers):05d}.array_record'
+             for i in range(len(self._writers))]
+    for index, (writer, name) in enumerate(zip(self._writers, names)):
+      writer.close()
+      if keep:
+        os.replace(self._path(index), os.path.join(self._directory, name))
+      else:
+        os.remove(self._path(index))
+    return names
+
+
+def _prepare_output(directory: str, overwrite: bool) -> None:
+  os.makedirs(directory, exist_ok=True)
+  existing = os.listdir(directory)
+  if existing and not overwrite:
+    raise FileExistsError(f'{directory} is not empty; pass --overwrite to replace its shards')
+  for name in existing:  # only what an ingest run writes: never the user's other files
+    if name == MANIFEST or re.fullmatch(r'\.?data-\d+(-of-\d+\.array_record|\.partial)', name):
+      os.remove(os.path.join(directory, name))
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+  return ', '.join(f'{reason}={count}' for reason, count in sorted(counts.items()))
+
+
+def summary_line(manifest: dict[str, Any], directory: str) -> str:
+  """`wrote N records (M captions) to K shards in DIR; skipped S: reason=count, ...`."""
+  skipped = manifest['skipped']
+  line = (f"wrote {manifest['records']} records ({manifest['captions']} captions) to "
+          f"{len(manifest['shards'])} shards in {directory}; skipped {sum(skipped.values())}")
+  if skipped:
+    line += ': ' + _format_counts(skipped)
+  if manifest['dropped_captions']:
+    line += (f"; dropped {sum(manifest['dropped_captions'].values())} captions: "
+             + _format_counts(manifest['dropped_captions']))
+  return line
+
+
+class _Progress:
+  """One `\\r`-rewritten stderr line, at most every half second."""
+
+  def __init__(self, enabled: bool):
+    self._enabled, self._start, self._last = enabled, time.monotonic(), 0.0
+
+  def update(self, written: int, skipped: int, final: bool = False) -> None:
+    now = time.monotonic()
+    if self._enabled and (final or now - self._last >= 0.5):
+      self._last, rate = now, (written + skipped) / max(now - self._start, 1e-9)
+      end = '\n' if final else ''
+      sys.stderr.write(f'\ringested {written}, skipped {skipped} ({rate:.0f}/s){end}')
+      sys.stderr.flush()
+
+
+def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
+           workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+           max_side: int = 0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+           overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+  """Writes `output_dir`'s shards and manifest from `input_path`; returns the manifest.
+
+  Raises NoValidRecordsError if every row was skipped, ValueError on a CSV without `image` and
+  `caption` columns, FileNotFoundError if a tar glob matches nothing and FileExistsError if
+  `output_dir` is not empty and `overwrite` is False.
+  """
+  if num_shards is not None and num_shards < 1:
+    raise ValueError(f'num_shards must be positive, not {num_shards}')
+  fmt = ingest_inputs.detect_format(input_path)
+  skipped, dropped = collections.Counter(), collections.Counter()
+  samples = ingest_inputs.read_samples(input_path, fmt, skipped, max_image_bytes)
+  _prepare_output(output_dir, overwrite)
+  options = _Options(int(max_pixels), int(max_side), int(max_image_bytes))
+  writer, captions = _ShardWriter(output_dir, num_shards), 0
+  bar = _Progress(progress)
+  try:
+    for record, reason, count, dropped_here in _results(samples, options,
+                                                        workers or os.cpu_count() or 1):
+      if record is None:
+        skipped[reason] += 1
+      else:
+        writer.write(record)
+        captions += count
+        dropped.update(dropped_here)
+      bar.update(writer.count, sum(skipped.values()))
+  except BaseException:
+    writer.close(keep=False)
+    raise
+  bar.update(writer.count, sum(skipped.values()), final=True)
+  if not writer.count:
+    writer.close(keep=False)
+    raise NoValidRecordsError(f'no valid image-caption pairs in {input_path}; skipped '
+                              f'{sum(skipped.values())}: {_format_counts(skipped) or "nothing"}')
+  manifest = {'source': input_path, 'format': fmt, 'records': writer.count,
+              'captions': captions, 'skipped': dict(sorted(skipped.items())),
+              'dropped_captions': dict(sorted(dropped.items())), 'shards': writer.close(keep=True),
+              'created_with': 'vlrep.data.ingest'}
+  with open(os.path.join(output_dir, MANIFEST), 'w') as file:
+    json.dump(manifest, file, indent=2)
+    file.write('\n')
+  return manifest
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flags_ = flags.FLAGS
+  try:
+    manifest = ingest(flags_.input, flags_.output, num_shards=flags_.num_shards,
+                      workers=flags_.workers, max_pixels=flags_.max_pixels,
+                      max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
+                      overwrite=flags_.overwrite, progress=True)
+  except (ValueError, OSError) as error:  # usage errors and "nothing valid": one line, exit 1
+    sys.exit(f'ingest: {error}')
+  print(summary_line(manifest, flags_.output))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('input', None, 'A CSV/TSV (image,caption), a folder of images with '
+                      '.txt captions, or a glob of webdataset tar shards (braces allowed).')
+  flags.DEFINE_string('output', None, 'Directory for the ArrayRecord shards and manifest.json.')
+  flags.DEFINE_integer('num_shards', None, 'Shards, records dealt round-robin (never more '
+                       f'shards than records); default one per {RECORDS_PER_SHARD} records.')
+  flags.DEFINE_integer('workers', None, 'Validation processes; default: one per core.')
+  flags.DEFINE_integer('max_pixels', DEFAULT_MAX_PIXELS, 'Larger images are skipped.')
+  flags.DEFINE_integer('max_side', 0, 'If > 0, images with a longer side are downscaled '
+                       'and re-encoded as JPEG (quality 95); 0 keeps the original bytes.')
+  flags.DEFINE_integer('max_image_bytes', DEFAULT_MAX_IMAGE_BYTES, 'Larger files are skipped.')
+  flags.DEFINE_bool('overwrite', False, 'Replace the shards of a non-empty output directory.')
+  flags.mark_flags_as_required(['input', 'output'])
+  # Run the imported module, not __main__: workers unpickle its functions by module name.
+  from vlrep.data import ingest as _ingest  # pylint: disable=g-import-not-at-top
+  app.run(_ingest.main)
