@@ -55,6 +55,20 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def override_flags(config: ml_collections.ConfigDict, **changes) -> list[str]:
+  """`--config.FIELD=VALUE` for each field where `config` (plus changes) differs from tiny,
+  so that a subprocess given `--config=configs/coca.py:tiny` and these flags runs `config`."""
+  def flat(node, prefix=''):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from flat(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  tiny = dict(flat(load_config('coca').to_dict()))
+  wanted = dict(flat(config.to_dict()), **changes)
+  return [f'--config.{k}={v}' for k, v in wanted.items() if v != tiny[k]]
+
+
 @pytest.fixture
 def config() -> ml_collections.ConfigDict:
   return shrink(load_config('coca'))

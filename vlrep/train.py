@@ -27,6 +27,7 @@ from vlrep.evals.suite import Evaluator
 from vlrep.metrics import MetricWriter
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
+from vlrep.preemption import PreemptionWatcher
 from vlrep.pretrained import Pretrained
 
 
@@ -113,31 +114,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   results: dict[str, float] = {}
   last_log_time, last_log_step = time.time(), start
-  for step in range(start + 1, config.total_steps + 1):
-    local = next(data_iterator)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
-                                                       (config.batch_size, *v.shape[1:]))
-             for k, v in local.items()}
-    state, metrics = train_step(state, batch)
+  preempted = False
+  with PreemptionWatcher() as watcher:
+    for step in range(start + 1, config.total_steps + 1):
+      local = next(data_iterator)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
+                                                         (config.batch_size, *v.shape[1:]))
+               for k, v in local.items()}
+      state, metrics = train_step(state, batch)
 
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      seconds_per_step = (now - last_log_time) / (step - last_log_step)
-      metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
-      # Undecodable records replaced since this process started (pipeline._SkipFailed).
-      metrics['data/skipped'] = pipeline.skipped_count()
-      writer.write(step, metrics)
-      _log_progress(step, config.total_steps, metrics,
-                    seconds_per_step * (config.total_steps - step))
-      last_log_time, last_log_step = now, step
-    if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-      checkpointer.save(step, state, data_iterator)
-    if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
-      evaluate(step)
-      last_log_time = time.time()  # evaluation time is not training speed
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        seconds_per_step = (now - last_log_time) / (step - last_log_step)
+        metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
+        # Undecodable records replaced since this process started (pipeline._SkipFailed).
+        metrics['data/skipped'] = pipeline.skipped_count()
+        writer.write(step, metrics)
+        _log_progress(step, config.total_steps, metrics,
+                      seconds_per_step * (config.total_steps - step))
+        last_log_time, last_log_step = now, step
+      if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+        checkpointer.save(step, state, data_iterator)
+      if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
+        evaluate(step)
+        last_log_time = time.time()  # evaluation time is not training speed
+      if watcher.should_stop(step):
+        if step % config.checkpoint_every_steps and step != config.total_steps:
+          checkpointer.save(step, state, data_iterator)
+        logging.warning('stopped at step %d on a preemption notice; checkpoint written. Run '
+                        'the same command to resume.', step)
+        preempted = True
+        break
 
-  if evaluator:
+  if evaluator and not preempted:
     results = evaluate(config.total_steps)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'results.json'), 'w') as f:

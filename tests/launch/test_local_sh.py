@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, shrink
+from conftest import REPO, load_config, override_flags, shrink
 from vlrep import train
 
 OVERRIDES = {'batch_size': 16, 'total_steps': 4, 'log_every_steps': 1,
@@ -30,19 +30,6 @@ def _config():
     else:
       config[target] = value
   return config
-
-
-def _flags(config, **changes) -> list[str]:
-  """`--config.FIELD=VALUE` for every field where `config` (plus changes) differs from tiny."""
-  def flat(node, prefix=''):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        yield from flat(value, f'{prefix}{key}.')
-      else:
-        yield f'{prefix}{key}', value
-  tiny = dict(flat(load_config('coca').to_dict()))
-  wanted = dict(flat(config.to_dict()), **changes)
-  return [f'--config.{k}={v}' for k, v in wanted.items() if v != tiny[k]]
 
 
 def _records(workdir):
@@ -67,7 +54,7 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   workdir = str(tmp_path / 'run')
   command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
              '--devices_per_process=4', '--', '--config=configs/coca.py:tiny',
-             f'--workdir={workdir}', *_flags(config, total_steps=2)]
+             f'--workdir={workdir}', *override_flags(config, total_steps=2)]
   env = dict(os.environ, PYTHON=sys.executable)
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
