@@ -12,7 +12,7 @@ import grain
 import numpy as np
 import pytest
 
-from vlrep.data import pipeline
+from vlrep.data import pipeline, sources
 from vlrep.data.bench import write_records
 from vlrep.data.synthetic import SyntheticShapes
 
@@ -66,7 +66,7 @@ def test_eval_examples_are_the_first_of_the_held_out_split(config):
 
 def test_unknown_source_is_named(config):
   with pytest.raises(ValueError, match="'imagenet'"):
-    pipeline.make_source('imagenet', 32)
+    sources.make_source('imagenet', 32)
 
 
 # ArrayRecord sources: 20 records and batch 8, so that a few batches wrap several epochs.

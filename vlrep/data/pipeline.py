@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 
 from vlrep.data import transforms
-from vlrep.data.sources import SOURCES, make_source, source_from_config  # noqa: F401 (API)
+from vlrep.data.sources import source_from_config
 from vlrep.data.tokenizer import get_tokenizer
 
 # A record is tried this many stream positions ahead before a run gives up: by then the data

@@ -225,17 +225,9 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, output: str,
 
 
 def _make_source(spec: str) -> Any:
-  # Imported here, not at the top: the pipeline imports this module.
-  try:
-    from vlrep.data import sources  # pylint: disable=g-import-not-at-top
-  except ModuleNotFoundError as e:
-    if e.name != 'vlrep.data.sources':
-      raise
-    sources = None
-  make_source = getattr(sources, 'make_source', None)
-  if make_source is None:
-    from vlrep.data.pipeline import make_source  # pylint: disable=g-import-not-at-top
-  return make_source(spec, _CAPTION_IMAGE_SIZE)
+  # Imported here, not at the top: the input pipeline imports this module.
+  from vlrep.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.make_source(spec, _CAPTION_IMAGE_SIZE)
 
 
 def read_captions(source: str, max_sentences: int = DEFAULT_MAX_SENTENCES) -> Iterator[str]:
