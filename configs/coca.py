@@ -8,6 +8,8 @@ patches, 64k vocabulary). Every field can be overridden with `--config.FIELD=VAL
 
 import ml_collections
 
+from vlrep.evals import entries
+
 # name: (image size, patch, width, heads, vision layers, vision mlp, text uni, text multi,
 #        text mlp, vocab, captioning queries)
 _VARIANTS = {
@@ -37,6 +39,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_steps = 720 if demo else 10_000
   c.eval_batch_size = 250
+  # One named entry per evaluation (types and fields: vlrep/evals/entries.py), each run every
+  # eval_every_steps and at the end, or by `python -m vlrep.evaluate`. The demo sizes
+  # evaluate on the held-out synthetic split (data.eval); the paper sizes on the TFDS
+  # benchmarks (imagenet2012, cifar10/100 zero-shot and probe, coco_captions).
+  c.evals = entries.synthetic_evals() if demo else entries.benchmark_evals()
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).

@@ -42,6 +42,11 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.eval_every_steps = 4
   config.eval_batch_size = 8
   config.data.eval_examples = 12
+  for entry in config.evals.values():  # every evaluation on a dozen or two examples
+    if entry.num_examples:
+      entry.num_examples = 12
+    if 'train_examples' in entry:
+      entry.train_examples = 24
   config.data.image_size = 16
   config.data.max_text_len = 24
   config.data.worker_threads = 1

@@ -35,10 +35,14 @@ def test_run_writes_metrics_checkpoints_config_and_results(trained):
   assert json.load(open(os.path.join(workdir, 'config.json')))['batch_size'] == 8
   on_disk = json.load(open(os.path.join(workdir, 'results.json')))
   assert on_disk == pytest.approx(results)
-  for key in ('zeroshot_colour/top1', 'zeroshot_shape/top1', 'zeroshot_count/top1',
-              'retrieval/i2t_r@1', 'retrieval/t2i_r@1', 'retrieval/i2t_r@5',
-              'retrieval/t2i_r@5', 'captioning/cider_greedy', 'captioning/exact_match_greedy'):
+  keys = ['zeroshot_colour/top1', 'zeroshot_colour/top5', 'zeroshot_shape/top1',
+          'zeroshot_count/top1', 'linear_probe_shape/accuracy']
+  keys += [f'retrieval/{d}_r@{k}' for d in ('i2t', 't2i') for k in (1, 5, 10)]
+  keys += [f'captioning/{m}_{d}' for m in ('cider', 'bleu4', 'exact_match')
+           for d in ('greedy', 'beam')]
+  for key in keys:
     assert 0.0 <= on_disk[key] <= (10.0 if 'cider' in key else 1.0), key
+  assert on_disk['linear_probe_shape/l2'] in config.evals.linear_probe_shape.l2_grid
   assert any(f.startswith('events.out.tfevents') for f in
              os.listdir(os.path.join(workdir, 'tensorboard')))
 

@@ -1,7 +1,7 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text` and `caption`; evaluators use the same methods, so what is measured is what
+`encode_text`, `caption`, `zero_shot_classifier` and `retrieve`; evaluators use the same methods, so what is measured is what
 users get. Inputs of any batch size are processed in fixed-size chunks (the last one padded),
 so each method compiles once per chunk shape. Each chunk is split over the batch axes of a
 device mesh (the training mesh during training, all devices otherwise), so it runs data-
@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from vlrep import decode, sharding
 from vlrep.data.tokenizer import get_tokenizer
+from vlrep.evals import retrieval, zeroshot
 from vlrep.models.coca import CoCa, build_model
 
 
@@ -162,6 +163,34 @@ class Pretrained:
     """Captions, one string per image; arguments as `caption_ids`."""
     return [self.tokenizer.decode(row)
             for row in self.caption_ids(images, max_len, method=method, **options)]
+
+  def zero_shot_classifier(self, class_names: Sequence[str],
+                           templates: Sequence[str] | None = None) -> np.ndarray:
+    """float32 [C, E]: one normalised text embedding per class, for zero-shot classification.
+
+    Each class's prompts (`template.format(name)` for every template; default
+    `vlrep.evals.zeroshot.DEFAULT_TEMPLATES`) are embedded, averaged and re-normalised, as
+    the zero-shot evaluator does: `scores = m.encode_image(images) @ classifier.T`.
+    """
+    templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
+    if not class_names or not templates:
+      raise ValueError('zero_shot_classifier needs at least one class name and one template')
+    return zeroshot.class_embeddings(self.encode_text, list(class_names), templates)
+
+  def retrieve(self, queries: np.ndarray | Sequence[str], candidates: np.ndarray | Sequence[str],
+               k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(indices int [Q, k], scores float32 [Q, k]): each query's k nearest candidates.
+
+    Queries and candidates are each images (a [B, H, W, 3] array, as `encode_image` takes)
+    or texts (a list of str), so this is text->image, image->text, image->image or
+    text->text search (token rows int [B, L] work as texts); ranking (cosine similarity, ties in candidate order) is the
+    retrieval evaluator's.
+    """
+    def embed(x):
+      if isinstance(x, np.ndarray):  # images, or token rows
+        return self.encode_image(x) if x.ndim == 4 else self.encode_text(x)
+      return self.encode_text(list(x))
+    return retrieval.rank(embed(queries), embed(candidates), min(k, len(candidates)))
 
 
 def load(workdir: str, step: int | None = None) -> Pretrained:

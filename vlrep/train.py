@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from vlrep import checkpoint, distributed, losses, sharding, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
-from vlrep.evals.suite import Evaluator
+from vlrep.evals.suite import Evaluator, check as check_evals
 from vlrep.metrics import MetricWriter
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
@@ -50,7 +50,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:
-    pipeline.source_from_config(config, config.data.eval)
+    check_evals(config)
 
 
 def _format_duration(seconds: float) -> str:

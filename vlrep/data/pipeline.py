@@ -149,31 +149,91 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   return out.map(_CountSkips())
 
 
-def eval_examples(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The first `config.data.eval_examples` of the eval source, in order, as numpy arrays.
+def eval_source(config: ml_collections.ConfigDict, spec: str = '', label_key: str = '') -> Any:
+  """The source of `eval_examples` (`spec` '' = `data.eval`)."""
+  spec = spec or config.data.eval
+  if label_key and spec.startswith('tfds:'):
+    # TfdsSource gives a ClassLabel feature as its names (`data.tfds_caption_key`); a
+    # classification set may have no caption feature at all.
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.tfds_caption_key = label_key
+  return source_from_config(config, spec)
 
-  Images are center-resized to `data.image_size` and the first caption is kept; undecodable
-  records are left out (with a warning). Returns `images` uint8 [N, H, W, 3], `captions`
-  (list of N str), any `labels/*` arrays and `zero_shot_tasks` (the source's {task: (class
-  names, templates)}, empty if it has none).
+
+def eval_examples(config: ml_collections.ConfigDict, spec: str = '', num_examples: int = 0,
+                  start: int = 0, label_key: str = '') -> dict[str, Any]:
+  """Examples `start .. start+num_examples` of an eval source, in order, as numpy arrays.
+
+  `spec` '' is `config.data.eval` and `num_examples` 0 is `config.data.eval_examples` (fewer
+  if the source ends first). Images are center-resized to `data.image_size`; undecodable
+  records are left out (with a warning), so every process and mesh sees the same examples.
+  Returns `images` uint8 [N, H, W, 3], `captions` (the first caption of each, N str),
+  `references` (all captions of each, N lists of str), any `labels/*` arrays of the source,
+  `zero_shot_tasks` (the source's {task: (class names, templates)}, empty if it has none)
+  and, with `label_key`, `label` (int [N] or multi-hot [N, C]) and `class_names`.
+
+  `label_key` names the label: a key of the source's examples (the synthetic set's
+  `labels/<task>`, class names from its zero-shot task) or a TFDS ClassLabel feature
+  (`tfds:` sources; read as that feature's names and mapped back to indices).
   """
-  source = source_from_config(config, config.data.eval)
-  count = min(int(config.data.eval_examples), len(source))
-  examples, index = [], 0
-  while len(examples) < count and index < len(source):
+  spec = spec or config.data.eval
+  num_examples = int(num_examples or config.data.eval_examples)
+  tfds_label = bool(label_key) and spec.startswith('tfds:')
+  source = eval_source(config, spec, label_key)
+  stop = min(start + num_examples, len(source))
+  examples, index = [], start
+  while len(examples) < stop - start and index < len(source):
     try:
       example = source[index]
       example = {**example, 'image': transforms.decode_image(example['image'],
                                                              config.data.image_size),
-                 'caption': transforms.captions_of(example)[0]}
+                 'references': transforms.captions_of(example)}
       examples.append(example)
     except _SKIP_ERRORS as error:
-      logging.warning('eval: skipping undecodable record %d: %s', index, error)
+      logging.warning('eval: skipping undecodable record %d of %s: %s', index, spec, error)
     index += 1
+  if not examples:
+    raise ValueError(f'eval source {spec!r} has no examples from {start}')
   out: dict[str, Any] = {'images': np.stack([e['image'] for e in examples]),
-                         'captions': [e['caption'] for e in examples],
+                         'references': [e['references'] for e in examples],
+                         'captions': [e['references'][0] for e in examples],
                          'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {})}
   for key in examples[0]:
     if key.startswith('labels/'):
       out[key] = np.stack([e[key] for e in examples])
+  if tfds_label:
+    names = _tfds_class_names(source.name, label_key, config.data.get('tfds_data_dir', ''))
+    index_of = {name: i for i, name in enumerate(names)}
+    out['label'] = np.array([index_of[e['references'][0]] for e in examples], np.int32)
+    out['class_names'] = names
+  elif label_key:
+    out.update(select_label(out, label_key, spec))
   return out
+
+
+def select_label(examples: dict[str, Any], label_key: str, spec: str) -> dict[str, Any]:
+  """{'label': examples[label_key], 'class_names' (if the source names them)} of a non-TFDS
+  source's examples; `labels/<task>` is named by the source's zero-shot task."""
+  if label_key not in examples:
+    raise ValueError(f'eval source {spec!r} has no label {label_key!r} (its labels: '
+                     f'{sorted(k for k in examples if k.startswith("labels/"))})')
+  out = {'label': examples[label_key]}
+  task = label_key.removeprefix('labels/')
+  if task in examples['zero_shot_tasks']:
+    out['class_names'] = list(examples['zero_shot_tasks'][task][0])
+  return out
+
+
+def _tfds_class_names(name: str, label_key: str, data_dir: str) -> list[str]:
+  """The names of a TFDS ClassLabel feature (nested keys with '/')."""
+  import tensorflow_datasets as tfds  # only tfds: sources get here
+  feature = tfds.builder(name, data_dir=data_dir or None).info.features
+  for part in label_key.split('/'):
+    feature = feature[part]
+  names = list(getattr(feature, 'names', None) or [])
+  if not names:
+    raise ValueError(f'{name}: feature {label_key!r} is not a ClassLabel')
+  if len(set(names)) != len(names):
+    raise ValueError(f'{name}: label names of {label_key!r} are not unique')
+  return names

@@ -31,12 +31,23 @@ def correct_pairs(text_image_ids: np.ndarray, num_images: int, texts: Sequence[s
   return correct
 
 
+def rank(query_emb: np.ndarray, candidate_emb: np.ndarray,
+         k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(indices int [Q, k], scores float32 [Q, k]): each query's best candidates, best first.
+
+  Scores are dot products (cosine similarity for normalised embeddings); ties keep the
+  candidates' order, so the ranking is the same on every machine. k=None ranks them all.
+  """
+  scores = np.asarray(query_emb, np.float32) @ np.asarray(candidate_emb, np.float32).T
+  order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  return order, np.take_along_axis(scores, order, axis=1)
+
+
 def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, correct: np.ndarray,
-                ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """{'i2t_r@K', 't2i_r@K'} for embeddings [N, E], [M, E] and `correct` [M, N]."""
-  scores = text_emb @ image_emb.T  # [M, N]
-  by_text = np.argsort(-scores, axis=1, kind='stable')
-  by_image = np.argsort(-scores.T, axis=1, kind='stable')
+  by_text, _ = rank(text_emb, image_emb, max(ks))
+  by_image, _ = rank(image_emb, text_emb, max(ks))
   out = {}
   for k in ks:
     t2i_hits = np.take_along_axis(correct, by_text[:, :k], axis=1).any(axis=1)

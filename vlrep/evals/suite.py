@@ -1,50 +1,198 @@
-"""The evaluation run during and after training: every metric on the held-out examples.
+"""The evaluation run during and after training: every entry of `config.evals` on a model.
 
-Loads the eval source once (`config.data.eval`, first `config.data.eval_examples`) and, for
-a `Pretrained` model, computes zero-shot accuracy for each task the data set defines,
-retrieval recall@1/5 both ways and greedy-captioning CIDEr-D / BLEU-4 / exact match.
-Metric names are `eval_name/metric` (e.g. `zeroshot_colour/top1`, `retrieval/i2t_r@1`,
-`captioning/cider_greedy`).
+`Evaluator(config)` validates the entries (`vlrep/evals/entries.py`) and loads their examples
+once; `evaluator(model)` runs them on a `Pretrained` model and returns flat
+`{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot), `<name>/i2t_r@K`,
+`<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match}_{greedy,beam}` (captioning),
+`<name>/accuracy` and the chosen `<name>/l2` (linear probe).
+
+Entries reading the same examples share them: examples and image embeddings are loaded /
+computed once for the largest range any entry asks for and sliced for the others. Every
+number is computed on the host from whole arrays that `Pretrained` returns identically on
+every process and mesh (it pads the last chunk and drops the padding), so results do not
+depend on the device or process count.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
 from vlrep.data import pipeline
-from vlrep.evals import captioning, retrieval, zeroshot
+from vlrep.evals import captioning, entries, probe, retrieval, zeroshot
 from vlrep.pretrained import Pretrained
+
+_Key = tuple[str, int, str]  # (source string, start, TFDS label key or '')
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (ValueError naming the entry) on a bad `config.evals` or source string."""
+  for name, entry in entries.evals_of(config).items():
+    entries.check(name, entry)
+    for spec in {entry.data, entry.get('train_data', '') or entry.data}:
+      pipeline.eval_source(config, spec, entry.get('label_key', ''))
+
+
+class _Examples:
+  """Eval examples and their image embeddings, loaded once per range and sliced."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self._config = config
+    self._loaded: dict[_Key, dict[str, Any]] = {}
+    self._requested: dict[_Key, int] = {}
+    self._embedded: dict[_Key, np.ndarray] = {}
+
+  def _key(self, spec: str, start: int, label_key: str) -> _Key:
+    spec = spec or self._config.data.eval
+    # A TFDS label is read through the source (see pipeline.eval_examples): its own load.
+    return spec, start, label_key if spec.startswith('tfds:') else ''
+
+  def request(self, spec: str, start: int, count: int, label_key: str = '') -> None:
+    key = self._key(spec, start, label_key)
+    count = int(count or self._config.data.eval_examples)
+    self._requested[key] = max(self._requested.get(key, 0), count)
+
+  def load(self) -> None:
+    for key, count in self._requested.items():
+      if key not in self._loaded:
+        spec, start, label_key = key
+        self._loaded[key] = pipeline.eval_examples(self._config, spec, count, start, label_key)
+
+  def get(self, spec: str, start: int, count: int, label_key: str = '') -> dict[str, Any]:
+    key = self._key(spec, start, label_key)
+    count = int(count or self._config.data.eval_examples)
+    loaded = self._loaded[key]
+    # Per-example values are sliced; the source's class names and tasks are not.
+    out = {k: v if k in ('class_names', 'zero_shot_tasks') else v[:count]
+           for k, v in loaded.items()}
+    if label_key and not key[2]:
+      out.update(pipeline.select_label(out, label_key, key[0]))
+    return out
+
+  def image_embeddings(self, model: Pretrained, spec: str, start: int, count: int,
+                       label_key: str = '') -> np.ndarray:
+    """Embeddings of `get(...)['images']`; valid until `clear`."""
+    key = self._key(spec, start, label_key)
+    if key not in self._embedded:
+      self._embedded[key] = model.encode_image(self._loaded[key]['images'])
+    return self._embedded[key][:len(self.get(spec, start, count, label_key)['images'])]
+
+  def clear(self) -> None:
+    self._embedded.clear()
+
+
+def _zeroshot(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
+  examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  if entry.class_names:
+    class_names = zeroshot.read_class_names(entry.class_names)
+  elif 'class_names' in examples:
+    class_names = examples['class_names']
+  else:
+    raise ValueError(f'evals.{name}: the source has no names for {entry.label_key!r}; give '
+                     f'a file with one per line as evals.{name}.class_names')
+  labels = examples['label']
+  num_classes = labels.shape[1] if labels.ndim == 2 else int(labels.max()) + 1
+  if (labels.ndim == 2 and num_classes != len(class_names)) or num_classes > len(class_names):
+    raise ValueError(f'evals.{name}: labels have {num_classes} classes but there are '
+                     f'{len(class_names)} class names')
+  classifier = model.zero_shot_classifier(class_names, tuple(entry.templates))
+  image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples,
+                                    entry.label_key)
+  scores = image_emb @ classifier.T
+  # A k not below the class count always scores 1: not reported.
+  return {f'{name}/top{k}': zeroshot.topk_hits(scores, labels, k)
+          for k in entry.ks if k < len(class_names)}
+
+
+def _retrieval(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
+  examples = data.get(entry.data, entry.start, entry.num_examples)
+  texts = [text for refs in examples['references'] for text in refs]
+  text_image_ids = np.repeat(np.arange(len(examples['references'])),
+                             [len(refs) for refs in examples['references']])
+  correct = retrieval.correct_pairs(text_image_ids, len(examples['references']), texts,
+                                    entry.identical_text_is_hit)
+  image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples)
+  recalls = retrieval.recall_at_k(image_emb, model.encode_text(texts), correct,
+                                  tuple(entry.ks))
+  return {f'{name}/{metric}': value for metric, value in recalls.items()}
+
+
+def _captioning(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
+  if not model.config.model.text.multimodal_layers:
+    logging.info('evals.%s skipped: the model has no multimodal layers to caption with', name)
+    return {}
+  examples = data.get(entry.data, entry.start, entry.num_examples)
+  references = dict(enumerate(examples['references']))
+  results = {}
+  for method in entry.methods:
+    options = dict(beam_size=entry.beam_size, length_penalty=entry.length_penalty) \
+        if method == 'beam' else {}
+    predictions = dict(enumerate(model.caption(examples['images'], entry.max_len or None,
+                                               method=method, **options)))
+    results[f'{name}/cider_{method}'] = captioning.cider_d(predictions, references)
+    results[f'{name}/bleu4_{method}'] = captioning.bleu4(predictions, references)
+    normalised = captioning.normalize_caption
+    results[f'{name}/exact_match_{method}'] = float(np.mean(
+        [normalised(predictions[i]) in {normalised(r) for r in refs}
+         for i, refs in references.items()]))
+  return results
+
+
+def _linear_probe(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
+  test = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  train_data = entry.train_data or entry.data
+  train = data.get(train_data, entry.train_start, entry.train_examples, entry.label_key)
+  test_x = data.image_embeddings(model, entry.data, entry.start, entry.num_examples,
+                                 entry.label_key)
+  train_x = data.image_embeddings(model, train_data, entry.train_start, entry.train_examples,
+                                  entry.label_key)
+  out = probe.linear_probe(train_x, train['label'], test_x, test['label'],
+                           tuple(entry.l2_grid), entry.val_fraction, entry.steps)
+  return {f'{name}/accuracy': out['accuracy'], f'{name}/l2': out['l2']}
+
+
+_RUN: dict[str, Callable[[str, Any, _Examples, Pretrained], dict[str, float]]] = {
+    'zeroshot': _zeroshot, 'retrieval': _retrieval, 'captioning': _captioning,
+    'linear_probe': _linear_probe}
+
+
+def _check_probe_overlap(name: str, entry: Any, config: ml_collections.ConfigDict) -> None:
+  test_spec, train_spec = entry.data or config.data.eval, entry.train_data or entry.data or \
+      config.data.eval
+  test = (entry.start, entry.start + (entry.num_examples or config.data.eval_examples))
+  train = (entry.train_start, entry.train_start + entry.train_examples)
+  if test_spec == train_spec and test[0] < train[1] and train[0] < test[1]:
+    raise ValueError(f'evals.{name}: the probe would train on test examples ({train_spec} '
+                     f'{train[0]}..{train[1]} overlaps {test[0]}..{test[1]})')
 
 
 class Evaluator:
+  """Every entry of `config.evals` (or, for an old run's config, `entries.legacy_evals`)."""
+
   def __init__(self, config: ml_collections.ConfigDict):
-    self.examples = pipeline.eval_examples(config)
-    captions = self.examples['captions']
-    # Which caption is right for which image depends on the data only: computed once.
-    self.correct_pairs = retrieval.correct_pairs(np.arange(len(captions)), len(captions),
-                                                 captions, identical_text_is_hit=True)
+    check(config)
+    self.entries = entries.evals_of(config)
+    self._data = _Examples(config)
+    for name, entry in self.entries.items():
+      label_key = entry.get('label_key', '')
+      self._data.request(entry.data, entry.start, entry.num_examples, label_key)
+      if entry.type == 'linear_probe':
+        _check_probe_overlap(name, entry, config)
+        self._data.request(entry.train_data or entry.data, entry.train_start,
+                           entry.train_examples, label_key)
+    self._data.load()
 
   def __call__(self, model: Pretrained) -> dict[str, float]:
-    images, captions = self.examples['images'], self.examples['captions']
-    image_emb = model.encode_image(images)
-    text_emb = model.encode_text(captions)
     results: dict[str, float] = {}
-    for task, (class_names, templates) in self.examples['zero_shot_tasks'].items():
-      labels = self.examples.get(f'labels/{task}')
-      if labels is None:
-        continue
-      classes = zeroshot.class_embeddings(model.encode_text, class_names, templates)
-      results[f'zeroshot_{task}/top1'] = zeroshot.topk_accuracy(image_emb, classes, labels, 1)
-    for name, value in retrieval.recall_at_k(image_emb, text_emb, self.correct_pairs,
-                                             (1, 5)).items():
-      results[f'retrieval/{name}'] = value
-    if model.config.model.text.multimodal_layers:
-      predictions = dict(enumerate(model.caption(images)))
-      references = {i: [c] for i, c in enumerate(captions)}
-      results['captioning/cider_greedy'] = captioning.cider_d(predictions, references)
-      results['captioning/bleu4_greedy'] = captioning.bleu4(predictions, references)
-      results['captioning/exact_match_greedy'] = float(np.mean(
-          [captioning.normalize_caption(predictions[i]) == captioning.normalize_caption(c)
-           for i, c in enumerate(captions)]))
+    try:
+      for name, entry in self.entries.items():
+        start = time.time()
+        results.update(_RUN[entry.type](name, entry, self._data, model))
+        logging.info('evals.%s: %.1fs', name, time.time() - start)
+    finally:
+      self._data.clear()  # embeddings belong to these parameters only
     return results
