@@ -70,13 +70,21 @@ def evaluate(workdir: str, step: int | None = None,
   return results
 
 
-def _check_overrides(argv: list[str]) -> None:
+def _check_overrides(argv: list[str], config: ml_collections.ConfigDict) -> None:
+  """Exits naming the first `--config.` flag that is not overridable or not a field."""
   for arg in argv:
-    if arg.startswith('--config.'):
-      field = arg[len('--config.'):].split('=')[0]
-      if not field.startswith(OVERRIDABLE):
-        sys.exit(f'--config.{field}: only fields that leave the model as trained can be '
-                 f'overridden here ({", ".join(OVERRIDABLE)}...)')
+    if not arg.startswith('--config.'):
+      continue
+    field = arg[len('--config.'):].split('=')[0]
+    if not field.startswith(OVERRIDABLE):
+      sys.exit(f'--config.{field}: only fields that leave the model as trained can be '
+               f'overridden here ({", ".join(OVERRIDABLE)}...)')
+    node, path = config, 'config'
+    for part in field.split('.'):
+      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in fields:
+        sys.exit(f'--config.{field}: {path} has no field {part!r} (it has: {fields})')
+      node, path = node[part], f'{path}.{part}'
 
 
 def main(argv: list[str]) -> None:
@@ -98,12 +106,12 @@ if __name__ == '__main__':
   # The --config.* overrides apply to the run's own config, which --workdir names: parse
   # that first, then define the config flag over the loaded config.
   FLAGS(sys.argv, known_only=True)
-  _check_overrides(sys.argv[1:])
   if FLAGS.workdir is None:
     sys.exit('--workdir is required')
   try:
     run = run_config(FLAGS.workdir)
   except FileNotFoundError as error:
     sys.exit(str(error))
+  _check_overrides(sys.argv[1:], run)
   config_flags.DEFINE_config_dict('config', run, lock_config=True)
   app.run(main)

@@ -50,7 +50,6 @@ def test_one_device_and_eight_give_identical_results_with_a_partial_chunk(model)
   config = config.copy_and_resolve_references()
   config.data.eval_examples = 13  # chunks of 8: 8 + 5 padded
   config.evals.captioning.num_examples = 13
-  config.evals.linear_probe_shape.train_examples = 40
   evaluator = Evaluator(config)
   on_one = _on_mesh(config, params, abstract, {}, jax.devices()[:1])
   one, eight = evaluator(on_one), evaluator(on_eight)
@@ -150,3 +149,25 @@ def test_benchmark_configs_run_on_mocked_tfds(model, monkeypatch, tmp_path):
                    for t in range(len(owners))])
     assert results[f'coco_retrieval/i2t_r@{k}'] == pytest.approx(i2t)
     assert results[f'coco_retrieval/t2i_r@{k}'] == pytest.approx(t2i)
+
+
+def test_python_api_classifier_and_retrieval(model):
+  *_, pretrained = model
+  images = SyntheticShapes('test', 16)
+  images = np.stack([images[i]['image'] for i in range(5)])
+  texts = ['two red circles', 'a blue square', 'one large cross']
+  classifier = pretrained.zero_shot_classifier(['red', 'blue'], ['{} shapes', 'a {} shape'])
+  prompts = pretrained.encode_text(['red shapes', 'a red shape', 'blue shapes', 'a blue shape'])
+  mean = prompts.reshape(2, 2, -1).mean(1)
+  np.testing.assert_allclose(classifier, mean / np.linalg.norm(mean, axis=1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  assert pretrained.zero_shot_classifier(['cat']).shape == (1, classifier.shape[1])
+
+  text_emb, image_emb = pretrained.encode_text(texts), pretrained.encode_image(images)
+  for queries, candidates, scores in ((texts, images, text_emb @ image_emb.T),
+                                      (images, texts, image_emb @ text_emb.T)):
+    idx, top = pretrained.retrieve(queries, candidates, k=2)
+    np.testing.assert_array_equal(idx, np.argsort(-scores, axis=1, kind='stable')[:, :2])
+    np.testing.assert_allclose(top, np.take_along_axis(scores, idx, 1), rtol=1e-5, atol=1e-6)
+  idx, _ = pretrained.retrieve(pretrained.tokenize(texts), images, k=10)  # k > candidates
+  assert idx.shape == (3, 5)

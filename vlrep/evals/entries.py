@@ -97,7 +97,7 @@ def synthetic_evals(captioning: bool = True) -> ml_collections.ConfigDict:
     evals.captioning = entry('captioning', num_examples=250)
   evals.linear_probe_shape = entry('linear_probe', label_key='labels/shape',
                                    train_data='synthetic:test', train_start=5_000,
-                                   train_examples=2_000)
+                                   train_examples=1_000)
   return evals
 
 
