@@ -1,12 +1,12 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text`, `caption`, `zero_shot_classifier` and `retrieve`; evaluators use the same methods, so what is measured is what
-users get. Inputs of any batch size are processed in fixed-size chunks (the last one padded),
-so each method compiles once per chunk shape. Each chunk is split over the batch axes of a
-device mesh (the training mesh during training, all devices otherwise), so it runs data-
-parallel on every device of every process; every process passes the same inputs and gets
-the full outputs back.
+`encode_text`, `caption`, `zero_shot_classifier` and `retrieve`; evaluators use the same
+methods, so what is measured is what users get. Inputs of any batch size are processed in
+fixed-size chunks (the last one padded), so each method compiles once per chunk shape. Each
+chunk is split over the batch axes of a device mesh (the training mesh during training, all
+devices otherwise), so it runs data-parallel on every device of every process; every process
+passes the same inputs and gets the full outputs back.
 """
 
 from __future__ import annotations
@@ -183,9 +183,10 @@ class Pretrained:
 
     Queries and candidates are each images (a [B, H, W, 3] array, as `encode_image` takes)
     or texts (a list of str), so this is text->image, image->text, image->image or
-    text->text search (token rows int [B, L] work as texts); ranking (cosine similarity, ties in candidate order) is the
-    retrieval evaluator's.
+    text->text search (token rows int [B, L] work as texts); ranking (cosine similarity,
+    ties in candidate order) is the retrieval evaluator's.
     """
+
     def embed(x):
       if isinstance(x, np.ndarray):  # images, or token rows
         return self.encode_image(x) if x.ndim == 4 else self.encode_text(x)

@@ -1,14 +1,15 @@
 """Linear probe: multinomial logistic regression with L2 on frozen image embeddings.
 
-Features are the model's pooled, normalised image embeddings, standardised with the
-training examples' mean and standard deviation. The classifier is fitted full-batch with optax's
+Features are the model's pooled, normalised image embeddings, standardised with the training
+examples' mean and standard deviation. The classifier is fitted full-batch with optax's
 L-BFGS for a fixed number of steps from zero weights: no randomness, so the result is a
 function of the features alone (the same on every process). The L2 strength is the one of
 `l2_grid` with the best accuracy on the last `val_fraction` of the training examples after
 fitting on the rest; the probe refitted on all training examples with it is scored on the
-test examples (every fit, held-out and final, in one vmapped and jitted call). Multi-hot labels (images showing
-several classes) are fitted as the normalised label distribution and a prediction counts as
-correct when the image shows the predicted class, the same rule as zero-shot accuracy.
+test examples (every fit, held-out and final, in one vmapped and jitted call). Multi-hot
+labels (images showing several classes) are fitted as the normalised label distribution and
+a prediction counts as correct when the image shows the predicted class, the same rule as
+zero-shot accuracy.
 """
 
 from __future__ import annotations
