@@ -107,6 +107,8 @@ def test_load_on_another_device_count(trained):
     ('microbatches', 2, 'batch_size 8 does not divide into 2 microbatches'),
     ('loss.contrastive_impl', 'allgather', 'loss.contrastive_impl'),
     ('loss.contrastive_type', 'hinge', 'loss.contrastive_type'),
+    ('evals.captioning.methods', ('greedy', 'bem'), "evals.captioning.methods: 'bem'"),
+    ('evals.zeroshot_colour.label_key', 'labels/hue', "no label 'labels/hue'"),
 ])
 def test_bad_config_fails_before_anything_runs(config, tmp_path, field, value, message):
   section, _, name = field.rpartition('.')

@@ -36,8 +36,13 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Fails fast (ValueError naming the entry) on a bad `config.evals` or source string."""
   for name, entry in entries.evals_of(config).items():
     entries.check(name, entry)
+    label_key = entry.get('label_key', '')
     for spec in {entry.data, entry.get('train_data', '') or entry.data}:
-      pipeline.eval_source(config, spec, entry.get('label_key', ''))
+      source = pipeline.eval_source(config, spec, label_key)
+      if label_key and not (spec or config.data.eval).startswith('tfds:') and len(source):
+        # Records carry their labels: the first one shows whether this one exists.
+        pipeline.select_label({**source[0], 'zero_shot_tasks': {}}, label_key,
+                              spec or config.data.eval)
 
 
 class _Examples:
