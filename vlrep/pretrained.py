@@ -46,6 +46,12 @@ def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _next_token_logits(model: CoCa, params: Any, images: jax.Array,
+                       tokens: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, images, tokens, method=CoCa.next_token_logits)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _caption_tokens(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[1]
 
@@ -162,6 +168,36 @@ class Pretrained:
     """Captions, one string per image; arguments as `caption_ids`."""
     return [self.tokenizer.decode(row)
             for row in self.caption_ids(images, max_len, method=method, **options)]
+
+  def caption_logits(self, images: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Teacher-forced next-token logits float32 [B, L, V] for int token rows [B, L].
+
+    `[:, t]` is the prediction for `tokens[:, t + 1]` given the image and `tokens[:, :t + 1]`,
+    at every position including the last (open_clip's CoCa forward with
+    `output_labels=False`; its default forward drops the last position: `[:, :-1]` here).
+    """
+    if not self.config.model.text.multimodal_layers:
+      raise ValueError('this model has no multimodal layers, so it has no caption logits')
+    images, tokens = self.preprocess_images(images), np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.dtype.kind not in 'iu' or len(tokens) != len(images):
+      raise ValueError(f'tokens must be int [B, L] with B = {len(images)} images, got '
+                       f'{tokens.dtype} {tokens.shape}')
+    # Logits are [rows, L, V] floats: keep a chunk near 2^28 of them (1 GiB).
+    devices = sharding.batch_devices(self.mesh)
+    rows = (2 ** 28 // max(1, tokens.shape[1] * self.config.model.text.vocab_size))
+    chunk = min(self.batch_size, max(devices, rows // devices * devices))
+
+    def place(x: np.ndarray) -> jax.Array:
+      padded = np.concatenate([x, np.zeros((chunk - len(x), *x.shape[1:]), x.dtype)])
+      return jax.make_array_from_process_local_data(self._batch_sharding, padded, padded.shape)
+
+    outputs = []
+    for start in range(0, len(images), chunk):
+      part = slice(start, start + chunk)
+      logits = _next_token_logits(self.model, self.params, place(images[part]),
+                                  place(tokens[part].astype(np.int32)))
+      outputs.append(_to_host(logits)[:len(images[part])])
+    return np.concatenate(outputs)
 
 
 def load(workdir: str, step: int | None = None) -> Pretrained:
