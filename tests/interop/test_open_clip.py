@@ -17,7 +17,7 @@ open_clip = pytest.importorskip('open_clip')
 import vlrep  # noqa: E402
 from vlrep import pretrained as pretrained_module  # noqa: E402
 from vlrep.data import tokenizer as tokenizer_module  # noqa: E402
-from vlrep.interop.open_clip import convert_state_dict  # noqa: E402
+from vlrep.interop.open_clip import convert_state_dict, read_state_dict  # noqa: E402
 
 CONTEXT = 16
 VOCAB = 49408  # CLIP's BPE ids, so open_clip's tokenizer output is valid input
@@ -195,3 +195,21 @@ def test_convert_refuses_what_it_cannot_express():
   with pytest.raises(ValueError, match='shape'):
     convert_state_dict(state, {**model_cfg, 'vision_cfg': {**model_cfg['vision_cfg'],
                                                             'mlp_ratio': 2.0}})
+
+
+def test_state_dict_files_torch_wrapped_and_safetensors(tmp_path):
+  state = _build(CLIP_CASES['quickgelu_odd_heads'], coca=False).state_dict()
+  # open_clip's training checkpoints: {'state_dict': ...} with DistributedDataParallel's
+  # 'module.' prefix.
+  torch.save({'epoch': 3, 'state_dict': {'module.' + k: v for k, v in state.items()}},
+             tmp_path / 'epoch_3.pt')
+  read = read_state_dict(str(tmp_path / 'epoch_3.pt'))
+  assert read.keys() == state.keys()
+  np.testing.assert_array_equal(read['visual.proj'], state['visual.proj'].numpy())
+  safetensors_torch = pytest.importorskip('safetensors.torch')
+  safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()},
+                              str(tmp_path / 'model.safetensors'))
+  read = read_state_dict(str(tmp_path / 'model.safetensors'))
+  np.testing.assert_array_equal(read['text_projection'], state['text_projection'].numpy())
+  with pytest.raises(FileNotFoundError, match='missing.pt'):
+    read_state_dict(str(tmp_path / 'missing.pt'))

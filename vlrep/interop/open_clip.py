@@ -15,6 +15,7 @@ pooling, appended [CLS], causal or not, linear projection with or without bias o
 CoCa's multimodal decoder, quick-GELU or exact GELU, LayerScale, LayerNorm epsilons.
 timm, ResNet and Hugging Face towers and the custom attention variants (qk-norm, scaled
 cosine, head scale, inner norms) have no vlrep equivalent and are refused by name.
+The entry-by-entry weight mapping is `open_clip_params.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from vlrep.interop.open_clip_params import StateDict, text_params, vision_params
 from vlrep.models.layers import ACTIVATIONS
 
 # open_clip's LayerNorm default (torch.nn.LayerNorm); vlrep's default is 1e-6.
@@ -92,7 +94,7 @@ def _activation(model_cfg: Mapping[str, Any], towers: list[Mapping[str, Any]]) -
   return kind
 
 
-def _config(model_cfg: Mapping[str, Any], coca: bool,
+def _config(model_cfg: Mapping[str, Any], coca: bool, text_module: bool,
             logit_bias: bool) -> ml_collections.ConfigDict:
   """The vlrep config of an open_clip model config (see the module docstring)."""
   vision = {**_VISION_DEFAULTS, **model_cfg['vision_cfg']}
@@ -161,7 +163,9 @@ def _config(model_cfg: Mapping[str, Any], coca: bool,
   t.vocab_size, t.width, t.heads = int(text['vocab_size']), int(text['width']), int(text['heads'])
   t.unimodal_layers = int(text['layers'])
   t.mlp_dim = int(t.width * text['mlp_ratio'])
-  t.embed_cls = bool(text['embed_cls']) and coca  # open_clip's CLIP class ignores cls_emb
+  t.embed_cls = bool(text['embed_cls'])
+  if t.embed_cls and not text_module:  # open_clip's CLIP class cannot run a cls_emb either
+    raise NotImplementedError('text_cfg.embed_cls=True needs a CoCa or custom_text model')
   if t.embed_cls:
     # CoCa's tower: cls appended, its position after the caption, open_clip's legacy
     # (`correct_cls_mask=False`) padding mask.
@@ -200,142 +204,6 @@ def _config(model_cfg: Mapping[str, Any], coca: bool,
   return c
 
 
-class _StateDict:
-  """The state dict's arrays by key, remembering which were read (all must be)."""
-
-  def __init__(self, state_dict: Mapping[str, Any]):
-    self._arrays = {k: np.asarray(v, np.float32) for k, v in state_dict.items()
-                    if not k.endswith('attn_mask')}
-    self._used: set[str] = set()
-
-  def __contains__(self, key: str) -> bool:
-    return key in self._arrays
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    if key not in self._arrays:
-      raise KeyError(f'open_clip state dict has no {key!r}')
-    self._used.add(key)
-    return self._arrays[key]
-
-  def check_all_used(self) -> None:
-    unused = sorted(set(self._arrays) - self._used)
-    if unused:
-      raise ValueError(f'state dict entries the config does not account for: {unused[:8]}'
-                       f'{" ..." if len(unused) > 8 else ""}')
-
-
-def _ln(sd: _StateDict, prefix: str) -> dict:
-  return {'scale': sd[prefix + '.weight'], 'bias': sd[prefix + '.bias']}
-
-
-def _dense(sd: _StateDict, prefix: str) -> dict:
-  return {'kernel': sd[prefix + '.weight'].T, 'bias': sd[prefix + '.bias']}
-
-
-def _attention(sd: _StateDict, prefix: str, heads: int) -> dict:
-  """nn.MultiheadAttention (packed or separate q/k/v weights) -> vlrep `Attention`."""
-  bias = sd[prefix + '.in_proj_bias']
-  if prefix + '.in_proj_weight' in sd:
-    weights = np.split(sd[prefix + '.in_proj_weight'], 3)
-  else:  # kdim/vdim != embed_dim: separate projections
-    weights = [sd[f'{prefix}.{n}_proj_weight'] for n in 'qkv']
-  width = weights[0].shape[0]
-  head_dim = width // heads
-  out = {}
-  for name, w, b in zip(('query', 'key', 'value'), weights, np.split(bias, 3)):
-    out[name] = {'kernel': w.T.reshape(w.shape[1], heads, head_dim),
-                 'bias': b.reshape(heads, head_dim)}
-  out_w = sd[prefix + '.out_proj.weight']
-  out['out'] = {'kernel': out_w.T.reshape(heads, head_dim, out_w.shape[0]),
-                'bias': sd[prefix + '.out_proj.bias']}
-  return out
-
-
-def _mlp(sd: _StateDict, prefix: str) -> dict:
-  return {'fc1': _dense(sd, prefix + '.c_fc'), 'fc2': _dense(sd, prefix + '.c_proj')}
-
-
-def _residual_block(sd: _StateDict, prefix: str, heads: int, layer_scale: bool,
-                    names=('ln_self', 'self_attention', 'ls_self', 'ln_mlp', 'mlp',
-                           'ls_mlp')) -> dict:
-  """open_clip ResidualAttentionBlock (ln_1, attn, ls_1, ln_2, mlp, ls_2) -> vlrep names."""
-  ln_attn, attn, ls_attn, ln_mlp, mlp, ls_mlp = names
-  out = {ln_attn: _ln(sd, prefix + '.ln_1'), attn: _attention(sd, prefix + '.attn', heads),
-         ln_mlp: _ln(sd, prefix + '.ln_2'), mlp: _mlp(sd, prefix + '.mlp')}
-  if layer_scale:
-    out[ls_attn], out[ls_mlp] = sd[prefix + '.ls_1.gamma'], sd[prefix + '.ls_2.gamma']
-  return out
-
-
-def _pooler(sd: _StateDict, prefix: str, heads: int) -> dict:
-  return {'queries': sd[prefix + '.query'], 'ln_query': _ln(sd, prefix + '.ln_q'),
-          'ln_context': _ln(sd, prefix + '.ln_k'),
-          'attention': _attention(sd, prefix + '.attn', heads)}
-
-
-def _vision_params(sd: _StateDict, m: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """(image encoder params, CoCa-level params: poolers, pooled norm, projection)."""
-  v = m.vision
-  enc = {'patch_embed': {'kernel': sd['visual.conv1.weight'].transpose(2, 3, 1, 0)},
-         'cls_embed': sd['visual.class_embedding'],
-         'pos_embed': sd['visual.positional_embedding']}
-  if v.ln_pre:
-    enc['ln_pre'] = _ln(sd, 'visual.ln_pre')
-  for i in range(v.layers):
-    enc[f'block_{i}'] = _residual_block(sd, f'visual.transformer.resblocks.{i}', v.heads,
-                                        bool(v.layer_scale))
-  top = {'image_projection': {'kernel': sd['visual.proj']}}
-  if m.pooler == 'single':
-    top['captioning_pooler'] = {**_pooler(sd, 'visual.attn_pool', m.pooler_heads),
-                                'ln_out': _ln(sd, 'visual.ln_post')}
-  elif m.pooler in ('parallel', 'cascade'):
-    enc['ln_final'] = _ln(sd, 'visual.ln_post')
-    top['contrastive_pooler'] = _pooler(sd, 'visual.attn_pool_contrastive', m.pooler_heads)
-    if 'visual.attn_pool.query' in sd:
-      captioning = _pooler(sd, 'visual.attn_pool', m.pooler_heads)
-      if m.text.multimodal_layers:
-        top['captioning_pooler'] = captioning
-  elif m.pooled_norm:
-    top['image_pooled_norm'] = _ln(sd, 'visual.ln_post')
-  else:
-    enc['ln_final'] = _ln(sd, 'visual.ln_post')
-  return enc, top
-
-
-def _text_params(sd: _StateDict, config: ml_collections.ConfigDict, prefix: str) -> tuple[dict, dict]:
-  """(text decoder params, CoCa-level text projection params)."""
-  m, t = config.model, config.model.text
-  dec = {'token_embed': {'embedding': sd[prefix + 'token_embedding.weight']},
-         'pos_embed': sd[prefix + 'positional_embedding'],
-         'ln_cls': _ln(sd, prefix + 'ln_final')}
-  if t.embed_cls:
-    dec['cls_embed'] = sd[prefix + 'cls_emb']
-  for i in range(t.unimodal_layers):
-    dec[f'unimodal_{i}'] = _residual_block(sd, f'{prefix}transformer.resblocks.{i}', t.heads,
-                                           bool(t.layer_scale))
-  key = prefix + 'text_projection'
-  if key + '.weight' in sd:  # nn.Linear (proj_bias)
-    projection = _dense(sd, key)
-  elif key in sd:
-    projection = {'kernel': sd[key]}
-  else:  # proj_type 'none': the identity (embed_dim == width is checked in `_config`)
-    projection = {'kernel': np.eye(t.width, dtype=np.float32)}
-  if t.multimodal_layers:
-    cross_names = ('ln_cross', 'cross_attention', 'ls_cross', 'ln_cross_mlp', 'cross_mlp',
-                   'ls_cross_mlp')
-    for i in range(t.multimodal_layers):
-      block = _residual_block(sd, f'text_decoder.resblocks.{i}', t.multimodal_heads,
-                              bool(t.multimodal_layer_scale))
-      cross = f'text_decoder.cross_attn.{i}'
-      block.update(_residual_block(sd, cross, t.multimodal_heads,
-                                   bool(t.multimodal_layer_scale), cross_names))
-      block['ln_cross_context'] = _ln(sd, cross + '.ln_1_kv')
-      dec[f'multimodal_{i}'] = block
-    dec['ln_final'] = _ln(sd, 'text_decoder.ln_final')
-    dec['output_head'] = {'kernel': sd['text_decoder.text_projection']}
-  return dec, {'text_projection': projection}
-
-
 def convert_state_dict(state_dict: Mapping[str, Any],
                        model_cfg: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, Any]:
   """(vlrep config, float32 params for `build_model(config)`) of an open_clip CLIP or CoCa.
@@ -347,14 +215,14 @@ def convert_state_dict(state_dict: Mapping[str, Any],
   for key in ('embed_dim', 'vision_cfg', 'text_cfg'):
     if key not in model_cfg:
       raise ValueError(f'model_cfg has no {key!r} (expected open_clip\'s model config JSON)')
-  sd = _StateDict(state_dict)
+  sd = StateDict(state_dict)
   coca = 'text_decoder.ln_final.weight' in sd
   if coca and 'multimodal_cfg' not in model_cfg:
     raise ValueError('the state dict is a CoCa model but model_cfg has no multimodal_cfg')
-  config = _config(model_cfg, coca, 'logit_bias' in sd)
-  prefix = 'text.' if 'text.token_embedding.weight' in sd else ''
-  encoder, image_top = _vision_params(sd, config.model)
-  decoder, text_top = _text_params(sd, config, prefix)
+  prefix = 'text.' if 'text.token_embedding.weight' in sd else ''  # CoCa, CustomTextCLIP
+  config = _config(model_cfg, coca, bool(prefix), 'logit_bias' in sd)
+  encoder, image_top = vision_params(sd, config.model)
+  decoder, text_top = text_params(sd, config, prefix)
   params = {'image_encoder': encoder, 'text_decoder': decoder, **image_top, **text_top,
             'logit_scale': sd['logit_scale'].reshape(())}
   if 'logit_bias' in sd:
@@ -378,9 +246,9 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
   expected = jax.eval_shape(lambda i, t: nn.unbox(model.init(jax.random.key(0), i, t))['params'],
                             images, tokens)
   got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  flat_expected = {jax.tree_util.keystr(k): v for k, v in
-                   jax.tree_util.tree_flatten_with_path(expected)[0]}
-  flat_got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  flat = lambda tree: {jax.tree_util.keystr(k): v
+                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat_expected, flat_got = flat(expected), flat(got)
   problems = [f'{k}: missing' for k in flat_expected if k not in flat_got]
   problems += [f'{k}: unexpected' for k in flat_got if k not in flat_expected]
   problems += [f'{k}: shape {flat_got[k].shape} != {v.shape}' for k, v in flat_expected.items()
@@ -391,18 +259,27 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A torch state dict (`torch.save`, optionally wrapped as {'state_dict': ...}) or a
-  `.safetensors` file -> numpy arrays by name."""
+  `.safetensors` file -> float32 numpy arrays by name."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'no open_clip state dict at {path!r}')
+  try:
+    import torch  # reads torch pickles, and bfloat16 safetensors that numpy cannot hold
+  except ImportError:
+    torch = None
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  import torch  # only needed for torch pickles
-  state = torch.load(path, map_location='cpu', weights_only=True)
-  if isinstance(state, dict) and 'state_dict' in state:
-    state = state['state_dict']
-  if not isinstance(state, dict):
-    raise ValueError(f'{path!r} holds a {type(state).__name__}, not a state dict')
+    if torch is None:
+      from safetensors.numpy import load_file
+      return {k.removeprefix('module.'): v.astype(np.float32) for k, v in load_file(path).items()}
+    from safetensors.torch import load_file
+    state = load_file(path)
+  else:
+    if torch is None:
+      raise ImportError(f'reading the torch checkpoint {path!r} needs torch installed')
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(state, dict) and 'state_dict' in state:
+      state = state['state_dict']
+    if not isinstance(state, dict):
+      raise ValueError(f'{path!r} holds a {type(state).__name__}, not a state dict')
   # Checkpoints saved from DistributedDataParallel prefix every name with 'module.'.
   return {k.removeprefix('module.'): v.detach().float().numpy() for k, v in state.items()}
 
