@@ -88,13 +88,13 @@ COCA_CASES = {
         text_cfg=_text(18, 3, embed_cls=True, output_tokens=True),
         multimodal_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=18, heads=6,
                             layers=2)),
-    # Quick GELU, 5 vision heads, 4 queries / 2 pooler heads, LayerScale in text and decoder.
-    'coca_quickgelu_layerscale': dict(
+    # coca_base's layout: no attentional pooler (class token for the contrastive vector,
+    # the patch tokens for the decoder), with quick GELU, 5 heads and LayerScale.
+    'coca_class_token_quickgelu': dict(
         embed_dim=16, quick_gelu=True,
-        vision_cfg=_vision(40, 8, attentional_pool=True, attn_pooler_queries=4,
-                           attn_pooler_heads=2, output_tokens=True),
-        text_cfg=_text(16, 4, embed_cls=True, output_tokens=True, ls_init_value=0.3),
-        multimodal_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=16, heads=2,
+        vision_cfg=_vision(40, 8, output_tokens=True, ls_init_value=0.3),
+        text_cfg=_text(40, 5, embed_cls=True, output_tokens=True, ls_init_value=0.3),
+        multimodal_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=40, heads=5,
                             layers=1, ls_init_value=0.3)),
     # The paper's 'cascade' poolers (5 queries, 3 heads) and a text tower without [CLS]
     # (argmax pooling, normalised token features into the decoder).

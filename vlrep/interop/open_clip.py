@@ -101,6 +101,9 @@ def _config(model_cfg: Mapping[str, Any], coca: bool, text_module: bool,
   text = {**_TEXT_DEFAULTS, **model_cfg['text_cfg']}
   _refuse_unsupported('vision_cfg', vision)
   _refuse_unsupported('text_cfg', text)
+  if text.get('hf_tokenizer_name'):
+    raise NotImplementedError(f'text_cfg.hf_tokenizer_name={text["hf_tokenizer_name"]!r}: '
+                              f'vlrep has CLIP\'s BPE tokenizer only (data.tokenizer=clip_bpe)')
   if vision['pos_embed_type'] not in ('learnable', 'sin_cos_2d'):
     raise NotImplementedError(f'vision_cfg.pos_embed_type={vision["pos_embed_type"]!r}')
   image_size = vision['image_size']
