@@ -11,6 +11,8 @@ import copy
 import numpy as np
 import pytest
 
+import open_clip_shim  # noqa: F401  (before open_clip: see the module)
+
 torch = pytest.importorskip('torch')
 open_clip = pytest.importorskip('open_clip')
 

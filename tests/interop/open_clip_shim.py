@@ -4,8 +4,13 @@ open_clip imports torchvision at module import time (image transforms, FrozenBat
 although the parity tests never use it, and PyPI's torchvision wheel does not load beside
 the CPU torch build ('operator torchvision::nms does not exist'). Only when the real
 torchvision fails to import do we register placeholder modules whose attributes are inert
-classes; anything that actually calls them fails loudly. Nothing outside tests/interop sees
-this.
+classes; anything that actually calls them fails loudly. Only test modules that import
+this shim install it (for the rest of that pytest process, where torchvision was unusable
+anyway). Import it before `open_clip`.
+
+Not a conftest.py on purpose: tests/ has no __init__.py files, so a second conftest.py is
+imported as the module `conftest` too and replaces tests/conftest.py's in sys.modules, and
+later `from conftest import load_config` (tests/models, ...) fails in a whole-suite run.
 """
 
 import importlib
