@@ -55,10 +55,10 @@ def _install_torchvision_stub() -> None:
   for name in ('torchvision', 'torchvision.ops', 'torchvision.ops.misc', 'torchvision.transforms',
                'torchvision.transforms.functional'):
     sys.modules[name] = _placeholder_module(name)
-  sys.modules['torchvision'].ops = sys.modules['torchvision.ops']
-  sys.modules['torchvision'].transforms = sys.modules['torchvision.transforms']
-  sys.modules['torchvision.ops'].misc = sys.modules['torchvision.ops.misc']
-  sys.modules['torchvision.transforms'].functional = sys.modules['torchvision.transforms.functional']
+  for name in ('torchvision.ops', 'torchvision.ops.misc', 'torchvision.transforms',
+               'torchvision.transforms.functional'):
+    parent, _, child = name.rpartition('.')
+    setattr(sys.modules[parent], child, sys.modules[name])
 
 
 try:

@@ -259,3 +259,18 @@ def test_mismatched_pooler_and_image_pool_are_named(config):
   config.model.image_pool = 'tok'  # with the default 'cascade' poolers
   with pytest.raises(ValueError, match='model.image_pool'):
     build_model(config)
+
+
+def test_layout_option_parameters_have_logical_axis_names(config):
+  config.model.update(text_projection_bias=True, pooler='single', image_pool='tok',
+                      pooler_query_norm=True, pooled_norm=True)
+  config.model.vision.update(class_token=True, ln_pre=True, layer_scale=0.1)
+  config.model.text.update(multimodal_layout='split', multimodal_layer_scale=0.1,
+                           layer_scale=0.1)
+  model = build_model(config)
+  boxed = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert not [jax.tree_util.keystr(p) for p, leaf in leaves
+              if not isinstance(leaf, nn.Partitioned)]
+  assert len(leaves) > 100

@@ -71,8 +71,10 @@ class CoCa(nn.Module):
     if self.pooled_norm:
       self.image_pooled_norm = layer_norm('image_pooled_norm', self.dtype,
                                           self.image_encoder.ln_eps)
-    projection = lambda bias=False: nn.Dense(self.embed_dim, use_bias=bias, dtype=self.dtype,
-                                             kernel_init=logical(default_kernel_init, 'embed', None))
+    projection = lambda bias=False: nn.Dense(
+        self.embed_dim, use_bias=bias, dtype=self.dtype,
+        kernel_init=logical(default_kernel_init, 'embed', None),
+        bias_init=logical(nn.initializers.zeros, None))
     self.image_projection = projection()
     self.text_projection = projection(self.text_projection_bias)
     self.logit_scale_log = self.param(
