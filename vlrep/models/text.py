@@ -159,6 +159,9 @@ class TextDecoder(nn.Module):
     `image_tokens` is given on the first step (it fills the cross-attention caches) and None
     afterwards. Positions advance with the cache, so no position argument is needed.
     """
+    if not self.causal:
+      raise ValueError('a bidirectional unimodal half (text causal=False) cannot decode '
+                       'token by token')
     x = self.token_embed(token)
     x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed, self.position.value, 1).astype(x.dtype)
     if not self.is_initializing():
