@@ -57,13 +57,47 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       'mlp_dim': vision_mlp,
       # Conv stem for the CPU-sized models (they learn shapes much faster); plain patchify
       # for the paper's models.
-      'stem_channels': (24, 48, 96) if variant == 'tiny' else ()})
+      'stem_channels': (24, 48, 96) if variant == 'tiny' else (),
+      # Layout options for imported checkpoints (open_clip: `vlrep/interop`), off for ours:
+      # CLIP's class token (prepended) and LayerNorm before the blocks, the patch
+      # projection's bias, the LayerNorm on the output tokens, LayerNorm epsilon, and
+      # LayerScale's initial value (0 = none).
+      'class_token': False, 'ln_pre': False, 'patch_bias': True, 'final_norm': True,
+      'ln_eps': 1e-6, 'layer_scale': 0.0})
   c.model.text = ml_collections.ConfigDict({
       'vocab_size': vocab, 'width': width, 'heads': heads, 'unimodal_layers': uni,
-      'multimodal_layers': multi, 'mlp_dim': text_mlp})
+      'multimodal_layers': multi, 'mlp_dim': text_mlp,
+      # Layout options (see vlrep/models/text.py): [CLS] appended or not; the text vector's
+      # pooling ('cls' | 'argmax' | 'eos' | 'first' | 'last'); the unimodal padding mask
+      # ('pad' | 'shifted' | 'none') and its pad id; the eos id ('eos' pooling); causal or
+      # bidirectional unimodal half; the [CLS] position embedding ('last' | 'after_tokens');
+      # LayerNorm epsilon and LayerScale of the unimodal half; the multimodal half's heads
+      # and MLP width (0 = as the unimodal half), block layout ('fused' | 'split': open_clip's
+      # self-attention block then cross-attention block) and LayerScale; output head bias.
+      'embed_cls': True, 'pool': 'cls', 'pad_mask': 'pad', 'pad_id': 0, 'eos_id': 2,
+      'causal': True, 'cls_position': 'last', 'ln_eps': 1e-6, 'layer_scale': 0.0,
+      'multimodal_heads': 0, 'multimodal_mlp_dim': 0, 'multimodal_layout': 'fused',
+      'multimodal_layer_scale': 0.0, 'head_bias': True})
   c.model.embed_dim = width
   c.model.captioning_queries = queries
   c.model.pooler = 'cascade'
+  # How the contrastive image vector is pooled (see vlrep/models/coca.py): 'attn' (the
+  # contrastive pooler; pooler 'cascade' | 'parallel'), or 'tok' / 'avg' (first token /
+  # mean of the others; pooler 'single': one pooler whose first query is the contrastive
+  # one, as open_clip's CoCa, or 'none': CLIP's class token / mean patch token).
+  c.model.image_pool = 'attn'
+  # Attentional poolers: heads and query width (0 = the image encoder's), LayerNorm on the
+  # queries (open_clip) and on the output (ours); LayerNorm on the pooled vector.
+  c.model.pooler_heads = 0
+  c.model.pooler_width = 0
+  c.model.pooler_query_norm = False
+  c.model.pooler_output_norm = True
+  c.model.pooled_norm = False
+  c.model.text_projection_bias = False
+  # MLP activation everywhere: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP).
+  c.model.activation = 'gelu_tanh'
+  # LayerNorm epsilon of the poolers and the multimodal half (the towers have their own).
+  c.model.ln_eps = 1e-6
   # Recompute each transformer block in the backward pass, trading compute for activation
   # memory: 'none', 'full' (keep only block inputs) or 'minimal' (also keep the dense
   # projections' outputs). On XLA:CPU (default flags) it saves memory only with scan_layers.

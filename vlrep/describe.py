@@ -27,7 +27,8 @@ PARTS = (
     ('captioning_pooler', r'^captioning_pooler/'),
     ('contrastive_pooler', r'^contrastive_pooler/'),
     ('text_multimodal', r'^text_decoder/(multimodal(_\d+)?|ln_final)/'),
-    ('heads', r'^(text_decoder/output_head|image_projection|text_projection|logit_scale)'),
+    ('heads', r'^(text_decoder/output_head|image_projection|image_pooled_norm|text_projection|'
+              r'logit_scale|logit_bias)'),
     ('text_unimodal', r'^text_decoder/'),
 )
 

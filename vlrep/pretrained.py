@@ -47,6 +47,12 @@ def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _next_token_logits(model: CoCa, params: Any, images: jax.Array,
+                       tokens: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, images, tokens, method=CoCa.next_token_logits)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _caption_tokens(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[1]
 
@@ -57,19 +63,25 @@ def _to_host(x: jax.Array) -> np.ndarray:
       multihost_utils.process_allgather(x, tiled=True)
 
 
-def _in_chunks(fn: Callable[[jax.Array], Any], inputs: np.ndarray, chunk: int,
+def _in_chunks(fn: Callable[..., Any], inputs: np.ndarray | tuple[np.ndarray, ...], chunk: int,
                batch_sharding: jax.sharding.Sharding) -> np.ndarray:
-  """fn over `inputs` in chunks of `chunk` rows (last one zero-padded), concatenated.
+  """fn over `inputs` (one array, or a tuple of arrays with the same rows, passed as
+  separate arguments) in chunks of `chunk` rows (last one zero-padded), concatenated.
 
   Every process holds all of `inputs`; each chunk becomes a global array split over the
   batch axes (each process keeps the rows of its own devices).
   """
+  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   outputs = []
-  for start in range(0, len(inputs), chunk):
-    part = inputs[start:start + chunk]
-    padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
-    array = jax.make_array_from_process_local_data(batch_sharding, padded, padded.shape)
-    outputs.append(_to_host(fn(array))[:len(part)])
+  for start in range(0, len(inputs[0]), chunk):
+    arrays, rows = [], 0
+    for x in inputs:
+      part = x[start:start + chunk]
+      rows = len(part)
+      padded = np.concatenate([part, np.zeros((chunk - rows, *part.shape[1:]), part.dtype)])
+      arrays.append(jax.make_array_from_process_local_data(batch_sharding, padded,
+                                                           padded.shape))
+    outputs.append(_to_host(fn(*arrays))[:rows])
   return np.concatenate(outputs)
 
 
@@ -192,6 +204,26 @@ class Pretrained:
         return self.encode_image(x) if x.ndim == 4 else self.encode_text(x)
       return self.encode_text(list(x))
     return retrieval.rank(embed(queries), embed(candidates), min(k, len(candidates)))
+
+  def caption_logits(self, images: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Teacher-forced next-token logits float32 [B, L, V] for int token rows [B, L].
+
+    `[:, t]` is the prediction for `tokens[:, t + 1]` given the image and `tokens[:, :t + 1]`,
+    at every position including the last (open_clip's CoCa forward with
+    `output_labels=False`; its default forward drops the last position: `[:, :-1]` here).
+    """
+    if not self.config.model.text.multimodal_layers:
+      raise ValueError('this model has no multimodal layers, so it has no caption logits')
+    images, tokens = self.preprocess_images(images), np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.dtype.kind not in 'iu' or len(tokens) != len(images):
+      raise ValueError(f'tokens must be int [B, L] with B = {len(images)} images, got '
+                       f'{tokens.dtype} {tokens.shape}')
+    # Logits are [rows, L, V] floats: keep a chunk near 2^28 of them (1 GiB).
+    devices = sharding.batch_devices(self.mesh)
+    rows = (2 ** 28 // max(1, tokens.shape[1] * self.config.model.text.vocab_size))
+    chunk = min(self.batch_size, max(devices, rows // devices * devices))
+    return _in_chunks(functools.partial(_next_token_logits, self.model, self.params),
+                      (images, tokens.astype(np.int32)), chunk, self._batch_sharding)
 
 
 def load(workdir: str, step: int | None = None) -> Pretrained:

@@ -224,3 +224,53 @@ def test_unknown_remat_is_named(config):
   config.model.remat = 'some'
   with pytest.raises(ValueError, match="model.remat='some'.*'none', 'full', 'minimal'"):
     build_model(config)
+
+
+def test_default_layout_has_no_layout_option_parameters(config):
+  """The interop options default to the paper's layout: no new parameters, same shapes."""
+  params = jax.eval_shape(lambda: nn.unbox(init_params(build_model(config), config,
+                                                       jax.random.key(0))))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for new in ("['ls_", 'ln_pre', 'ln_query', 'cross_mlp', 'ln_cross_context', 'image_pooled_norm',
+              "['image_encoder']['cls_embed']"):
+    assert not [p for p in paths if new in p], new
+  assert params['text_decoder']['pos_embed'].shape[0] == config.data.max_text_len + 1
+  assert 'bias' in params['text_decoder']['output_head']
+  assert 'bias' in params['image_encoder']['patch_embed']
+
+
+def test_single_pooler_layout(config):
+  """open_clip's CoCa pooling: one pooler; the mean of all queries but the first is the
+  contrastive vector ('avg'), those queries are the caption tokens. (Numbers: tests/interop.)"""
+  config.model.update(pooler='single', image_pool='avg')
+  config.model.vision.class_token = True
+  model = build_model(config)
+  images = jnp.zeros((2, 16, 16, 3), jnp.uint8)
+  params = jax.eval_shape(lambda: nn.unbox(init_params(model, config, jax.random.key(0))))
+  assert 'contrastive_pooler' not in params and 'captioning_pooler' in params
+  emb, caption_tokens = jax.eval_shape(lambda p, x: model.apply(
+      {'params': p}, x, method=CoCa.encode_image), params, images)
+  assert emb.shape == (2, config.model.embed_dim)
+  assert caption_tokens.shape == (2, config.model.captioning_queries - 1,
+                                  config.model.vision.width)
+
+
+def test_mismatched_pooler_and_image_pool_are_named(config):
+  config.model.image_pool = 'tok'  # with the default 'cascade' poolers
+  with pytest.raises(ValueError, match='model.image_pool'):
+    build_model(config)
+
+
+def test_layout_option_parameters_have_logical_axis_names(config):
+  config.model.update(text_projection_bias=True, pooler='single', image_pool='tok',
+                      pooler_query_norm=True, pooled_norm=True)
+  config.model.vision.update(class_token=True, ln_pre=True, layer_scale=0.1)
+  config.model.text.update(multimodal_layout='split', multimodal_layer_scale=0.1,
+                           layer_scale=0.1)
+  model = build_model(config)
+  boxed = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert not [jax.tree_util.keystr(p) for p, leaf in leaves
+              if not isinstance(leaf, nn.Partitioned)]
+  assert len(leaves) > 100

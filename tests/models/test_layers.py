@@ -79,3 +79,43 @@ def test_minimal_remat_keeps_the_named_projections(capsys):
 def test_unknown_remat_mode_is_named():
   with pytest.raises(ValueError, match="remat='some'"):
     remat_policy('some')
+
+
+def test_activations_and_unknown_name():
+  from vlrep.models.layers import activation
+  x = jnp.linspace(-3.0, 3.0, 7)
+  np.testing.assert_allclose(activation('quick_gelu')(x), x / (1 + np.exp(-1.702 * x)),
+                             rtol=1e-6, atol=1e-7)
+  exact = activation('gelu')(x)
+  np.testing.assert_allclose(exact, jax.nn.gelu(x, approximate=False), rtol=1e-6)
+  assert 1e-5 < float(jnp.abs(exact - activation('gelu_tanh')(x)).max()) < 1e-2
+  with pytest.raises(ValueError, match='activation'):
+    activation('relu')
+
+
+def test_split_block_has_two_mlps_layer_scale_and_a_context_norm():
+  from vlrep.models.layers import Block
+  x, context = jnp.ones((1, 3, 8)), jnp.ones((1, 5, 8))
+  fused = jax.eval_shape(lambda: Block(num_heads=2, mlp_dim=16, cross_attention=True).init(
+      jax.random.key(0), x, context=context))['params']
+  assert set(fused) == {'ln_self', 'self_attention', 'ln_cross', 'cross_attention', 'ln_mlp',
+                        'mlp'}  # the default layout's names, unchanged
+  split = Block(num_heads=2, mlp_dim=16, cross_attention=True, layout='split', layer_scale=0.1)
+  params = nn.unbox(jax.jit(lambda x, c: split.init(jax.random.key(0), x, context=c))(
+      x, context))['params']
+  assert set(params) == {'ln_self', 'self_attention', 'ls_self', 'ln_mlp', 'mlp', 'ls_mlp',
+                         'ln_cross', 'ln_cross_context', 'cross_attention', 'ls_cross',
+                         'ln_cross_mlp', 'cross_mlp', 'ls_cross_mlp'}
+  np.testing.assert_allclose(params['ls_cross_mlp'], np.full(8, 0.1, np.float32))
+  assert jax.eval_shape(lambda: split.apply({'params': params}, x, context=context)).shape == \
+      (1, 3, 8)
+
+
+def test_pooler_query_width_and_norm_options():
+  pooler = AttentionalPooler(num_queries=5, num_heads=3, width=6, query_norm=True,
+                             output_norm=False)
+  tokens = jnp.ones((2, 7, 8))
+  params = nn.unbox(jax.eval_shape(lambda: pooler.init(jax.random.key(0), tokens)))['params']
+  assert set(params) == {'queries', 'ln_query', 'ln_context', 'attention'}
+  assert params['attention']['key']['kernel'].shape == (8, 3, 2)  # context 8 wide -> 3 x 2
+  assert jax.eval_shape(lambda p: pooler.apply({'params': p}, tokens), params).shape == (2, 5, 6)

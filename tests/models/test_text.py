@@ -73,3 +73,54 @@ def test_cached_decode_steps_equal_the_full_forward_pass(config):
                                       mutable=['cache'])
     cache = variables['cache']
     np.testing.assert_allclose(logits, full[:, t], atol=2e-5, rtol=1e-4)
+
+
+def _open_clip_layout(config, **text):
+  """The shrunk config with open_clip CoCa's layout options (see vlrep/interop)."""
+  config.model.update(pooler='single', image_pool='tok', pooler_heads=1, pooler_width=32,
+                      pooler_query_norm=True, activation='quick_gelu', ln_eps=1e-5)
+  config.model.vision.update(class_token=True, ln_pre=True, patch_bias=False, final_norm=False)
+  config.model.text.update(pad_mask='shifted', cls_position='after_tokens', multimodal_heads=4,
+                           multimodal_layout='split', head_bias=False,
+                           multimodal_layer_scale=0.5, **text)
+  return config
+
+
+def test_open_clip_layout_cached_decode_equals_the_full_forward_pass(config):
+  config = _open_clip_layout(config)
+  config.data.max_text_len = 8
+  model, params = _model_and_params(config)
+  assert 'bias' not in params['text_decoder']['output_head']
+  assert 'cross_mlp' in params['text_decoder']['multimodal_0']
+  decoder = build_model(config, decode=True)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+  tokens = _tokens(config, ['red circles', 'a blue square'])
+  full, context = jax.jit(lambda p, x, t: (
+      model.apply({'params': p}, x, t, method=CoCa.next_token_logits),
+      model.apply({'params': p}, x, method=CoCa.encode_image)[1]))(params, images, tokens)
+  assert full.shape == (2, config.data.max_text_len, config.model.text.vocab_size)
+  assert context.shape == (2, config.model.captioning_queries - 1, 32)
+  from vlrep.decode import init_cache
+  cache = init_cache(decoder, params, context, config.data.max_text_len)
+  step = jax.jit(lambda cache, token, context: decoder.apply(
+      {'params': params, 'cache': cache}, token, context, method=CoCa.decode_step,
+      mutable=['cache']))
+  for t in range(3):
+    logits, variables = step(cache, tokens[:, t:t + 1], context if t == 0 else None)
+    cache = variables['cache']
+    np.testing.assert_allclose(logits, full[:, t], atol=2e-5, rtol=1e-4)
+
+
+def test_pooling_without_cls_picks_the_normalised_token():
+  from vlrep.models.text import TextDecoder
+  decoder = TextDecoder(vocab_size=300, max_len=8, width=16, unimodal_layers=1,
+                        multimodal_layers=0, num_heads=2, mlp_dim=32, embed_cls=False,
+                        pool='argmax', pad_mask='none')
+  tokens = jnp.asarray([[5, 200, 7, 0, 0, 0, 0, 0], [3, 4, 9, 299, 1, 0, 0, 0]])
+  encode = jax.jit(lambda p, t: decoder.apply(p, t, method=TextDecoder.encode))
+  params = nn.unbox(jax.jit(lambda t: decoder.init(jax.random.key(0), t,
+                                                   method=TextDecoder.encode))(tokens))
+  assert params['params']['pos_embed'].shape == (8, 16) and 'cls_embed' not in params['params']
+  pooled, feats = encode(params, tokens)
+  np.testing.assert_allclose(pooled, np.asarray(feats)[[0, 1], [1, 3]], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(feats).std(-1), 1.0, atol=1e-2)  # after ln_cls

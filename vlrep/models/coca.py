@@ -4,6 +4,13 @@
 multimodal layers (and caption weight 0 in the loss); captioning-only and the other
 families are config changes too. The methods `encode_image`, `encode_text`, `__call__` and
 `decode_step` are what the train step, the evaluators and `vlrep.Pretrained` apply.
+
+Image pooling (`pooler`, `image_pool`): the paper's two attentional poolers ('cascade' or
+'parallel', `image_pool='attn'`); or one pooler of `captioning_queries` queries whose first
+output ('tok') or the mean of the others ('avg') is the contrastive vector and the others
+the caption tokens ('single', open_clip's CoCa); or no pooler ('none', CLIP: the class token
+or the mean patch token). `pooled_norm` adds a LayerNorm on the pooled vector. The
+poolers' heads, width and norms are options too (`layers.AttentionalPooler`).
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlrep.models.layers import (REMAT_MODES, AttentionalPooler, Dtype, default_kernel_init,
+from vlrep.models.layers import (ACTIVATIONS, BLOCK_LAYOUTS, DEFAULT_LN_EPS, REMAT_MODES,
+                                 AttentionalPooler, Dtype, default_kernel_init, layer_norm,
                                  logical)
 from vlrep.models.text import TextDecoder
 from vlrep.models.vision import VisionTransformer
@@ -43,15 +51,32 @@ class CoCa(nn.Module):
   temperature_init: float = 0.07
   logit_bias_init: float | None = None  # None: no bias (softmax losses)
   dtype: Dtype = jnp.float32
+  image_pool: str = 'attn'  # 'attn' | 'tok' | 'avg', see the module docstring
+  pooler_heads: int = 0  # 0: the image encoder's
+  pooler_width: int = 0  # the poolers' query/output width; 0: the image encoder's
+  pooler_query_norm: bool = False
+  pooler_output_norm: bool = True
+  pooler_ln_eps: float = DEFAULT_LN_EPS
+  pooled_norm: bool = False
+  text_projection_bias: bool = False
 
   def setup(self):
-    heads = self.image_encoder.num_heads
-    self.captioning_pooler = AttentionalPooler(self.captioning_queries, heads, self.dtype)
-    self.contrastive_pooler = AttentionalPooler(1, heads, self.dtype)
-    projection = lambda: nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                                  kernel_init=logical(default_kernel_init, 'embed', None))
+    heads = self.pooler_heads or self.image_encoder.num_heads
+    pooler = lambda queries: AttentionalPooler(
+        queries, heads, self.dtype, width=self.pooler_width or None,
+        query_norm=self.pooler_query_norm, output_norm=self.pooler_output_norm,
+        ln_eps=self.pooler_ln_eps)
+    self.captioning_pooler = pooler(self.captioning_queries)
+    self.contrastive_pooler = pooler(1)
+    if self.pooled_norm:
+      self.image_pooled_norm = layer_norm('image_pooled_norm', self.dtype,
+                                          self.image_encoder.ln_eps)
+    projection = lambda bias=False: nn.Dense(
+        self.embed_dim, use_bias=bias, dtype=self.dtype,
+        kernel_init=logical(default_kernel_init, 'embed', None),
+        bias_init=logical(nn.initializers.zeros, None))
     self.image_projection = projection()
-    self.text_projection = projection()
+    self.text_projection = projection(self.text_projection_bias)
     self.logit_scale_log = self.param(
         'logit_scale', logical(nn.initializers.constant(math.log(1 / self.temperature_init))), ())
     if self.logit_bias_init is not None:
@@ -73,10 +98,23 @@ class CoCa(nn.Module):
     """-> (L2-normalised embedding [B, E], captioning tokens [B, queries, W] or None)."""
     tokens = self.image_encoder(images)
     caption_tokens = None  # CLIP-like models (no multimodal layers) have no captioning pooler
-    if self.text_decoder.multimodal_layers:
-      caption_tokens = self.captioning_pooler(tokens)
-    source = caption_tokens if self.pooler == 'cascade' and caption_tokens is not None else tokens
-    pooled = self.contrastive_pooler(source)[:, 0]
+    if self.image_pool == 'attn':
+      if self.text_decoder.multimodal_layers:
+        caption_tokens = self.captioning_pooler(tokens)
+      source = caption_tokens if self.pooler == 'cascade' and caption_tokens is not None else \
+          tokens
+      pooled = self.contrastive_pooler(source)[:, 0]
+    else:
+      if self.pooler == 'single':
+        tokens = self.captioning_pooler(tokens)
+      # The first token is special (class token or first query) unless it is a patch token.
+      special = self.pooler == 'single' or self.image_encoder.class_token
+      rest = tokens[:, 1:] if special else tokens
+      pooled = tokens[:, 0] if self.image_pool == 'tok' else jnp.mean(rest, axis=1)
+      if self.text_decoder.multimodal_layers:
+        caption_tokens = rest
+    if self.pooled_norm:
+      pooled = self.image_pooled_norm(pooled)
     return l2_normalize(self.image_projection(pooled).astype(jnp.float32)), caption_tokens
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,8 +140,16 @@ class CoCa(nn.Module):
     """One decoding step from the KV cache: token [B, 1] -> logits [B, V]."""
     return self.text_decoder.decode_step(token, caption_tokens)
 
+  def next_token_logits(self, images: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Teacher-forced logits [B, L, V] at every position: `[:, t]` predicts `tokens[:, t + 1]`
+    (the last position predicts the token after the given ones)."""
+    caption_tokens = self.encode_image(images)[1]
+    token_features = self.encode_text(tokens)[1]
+    return self.text_decoder.caption_logits(token_features, caption_tokens)
 
-POOLERS = ('cascade', 'parallel')
+
+POOLERS = ('cascade', 'parallel', 'single', 'none')
+IMAGE_POOLS = ('attn', 'tok', 'avg')
 
 
 def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa:
@@ -117,6 +163,20 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   vision, text = model.vision, model.text
   if model.pooler not in POOLERS:
     raise ValueError(f'model.pooler={model.pooler!r}; expected one of {POOLERS}')
+  image_pool = model.get('image_pool', 'attn')
+  if image_pool not in IMAGE_POOLS:
+    raise ValueError(f'model.image_pool={image_pool!r}; expected one of {IMAGE_POOLS}')
+  if (image_pool == 'attn') != (model.pooler in ('cascade', 'parallel')):
+    raise ValueError(f"model.image_pool={image_pool!r} does not go with model.pooler="
+                     f"{model.pooler!r}: 'attn' takes 'cascade' or 'parallel', 'tok' and "
+                     f"'avg' take 'single' or 'none'")
+  activation = model.get('activation', 'gelu_tanh')
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'model.activation={activation!r}; expected one of {ACTIVATIONS}')
+  layout = text.get('multimodal_layout', 'fused')
+  if layout not in BLOCK_LAYOUTS:
+    raise ValueError(f'model.text.multimodal_layout={layout!r}; expected one of {BLOCK_LAYOUTS}')
+  ln_eps = model.get('ln_eps', DEFAULT_LN_EPS)
   remat, scan_layers = model.get('remat', 'none'), bool(model.get('scan_layers', False))
   if remat not in REMAT_MODES:
     raise ValueError(f'model.remat={remat!r}; expected one of {REMAT_MODES}')
@@ -127,12 +187,29 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
           patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
           num_heads=vision['heads'], mlp_dim=vision['mlp_dim'],
           stem_channels=tuple(vision['stem_channels']), remat=remat, scan_layers=scan_layers,
-          dtype=dtype),
+          dtype=dtype, class_token=vision.get('class_token', False),
+          ln_pre=vision.get('ln_pre', False), final_norm=vision.get('final_norm', True),
+          patch_bias=vision.get('patch_bias', True), activation=activation,
+          ln_eps=vision.get('ln_eps', ln_eps), layer_scale=vision.get('layer_scale', 0.0)),
       text_decoder=TextDecoder(
           vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
           unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
           num_heads=text['heads'], mlp_dim=text['mlp_dim'], decode=decode, remat=remat,
-          scan_layers=scan_layers, dtype=dtype),
+          scan_layers=scan_layers, dtype=dtype, embed_cls=text.get('embed_cls', True),
+          pool=text.get('pool', 'cls'), pad_mask=text.get('pad_mask', 'pad'),
+          pad_id=text.get('pad_id', 0), eos_id=text.get('eos_id', 2),
+          causal=text.get('causal', True), cls_position=text.get('cls_position', 'last'),
+          activation=activation, ln_eps=text.get('ln_eps', ln_eps),
+          layer_scale=text.get('layer_scale', 0.0),
+          multimodal_heads=text.get('multimodal_heads', 0),
+          multimodal_mlp_dim=text.get('multimodal_mlp_dim', 0), multimodal_layout=layout,
+          multimodal_ln_eps=ln_eps, multimodal_layer_scale=text.get('multimodal_layer_scale', 0.0),
+          head_bias=text.get('head_bias', True)),
       embed_dim=model['embed_dim'], captioning_queries=model['captioning_queries'],
       pooler=model['pooler'], temperature_init=temperature_init, logit_bias_init=bias_init,
-      dtype=dtype)
+      dtype=dtype, image_pool=image_pool, pooler_heads=model.get('pooler_heads', 0),
+      pooler_width=model.get('pooler_width', 0),
+      pooler_query_norm=model.get('pooler_query_norm', False),
+      pooler_output_norm=model.get('pooler_output_norm', True), pooler_ln_eps=ln_eps,
+      pooled_norm=model.get('pooled_norm', False),
+      text_projection_bias=model.get('text_projection_bias', False))

@@ -6,6 +6,12 @@ names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) that `vlrep/sharding.py` map
 axes; nothing here knows about meshes. Attention layers can run autoregressively
 (`decode=True`), keeping keys and values in the `cache` collection.
 
+Options that express other checkpoints' layouts (open_clip's, see `vlrep/interop`) keep
+the paper's layout as their default: the MLP activation (`ACTIVATIONS`), the LayerNorm
+epsilon, LayerScale, and the decoder block `layout` ('fused': one block with self-attention,
+cross-attention and one MLP; 'split': a self-attention block with its MLP, then a
+cross-attention block with its own MLP and a LayerNorm on the context).
+
 `BlockStack` runs a tower's blocks, optionally rematerialised (`remat`) and/or as one
 `nn.scan` over a single block definition (`scan_layers`), whose parameters and caches then
 carry a leading axis named `layers`.
@@ -34,22 +40,49 @@ REMAT_MODES = ('none', 'full', 'minimal')
 # the block's output, which the next block (or the loss) keeps anyway.
 MINIMAL_REMAT_SAVES = ('query', 'key', 'value', 'attention_out', 'mlp_hidden')
 
+# 'gelu_tanh' (tanh approximation, the default), 'gelu' (exact erf form, PyTorch's nn.GELU)
+# and 'quick_gelu' (x * sigmoid(1.702 x), OpenAI CLIP's).
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')
+BLOCK_LAYOUTS = ('fused', 'split')
+DEFAULT_LN_EPS = 1e-6
+
 
 def logical(init: nn.initializers.Initializer, *names: str | None) -> nn.initializers.Initializer:
   """An initializer whose parameter carries the given logical axis names."""
   return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name,
+def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32,
+               epsilon: float = DEFAULT_LN_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, name=name,
                       scale_init=logical(nn.initializers.ones, 'embed'),
                       bias_init=logical(nn.initializers.zeros, 'embed'))
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The MLP nonlinearity called `name` (one of ACTIVATIONS)."""
+  if name == 'gelu_tanh':
+    return lambda x: nn.gelu(x, approximate=True)
+  if name == 'gelu':
+    return lambda x: nn.gelu(x, approximate=False)
+  if name == 'quick_gelu':
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f'activation {name!r}; expected one of {ACTIVATIONS}')
+
+
+def layer_scale(module: nn.Module, name: str, x: jax.Array, init: float) -> jax.Array:
+  """x * a learned per-channel scale initialised at `init` (LayerScale); x when init is 0."""
+  if not init:
+    return x
+  gamma = module.param(name, logical(nn.initializers.constant(init), 'embed'), (x.shape[-1],))
+  return x * gamma.astype(x.dtype)
 
 
 class Mlp(nn.Module):
   """Two dense layers with GELU: [..., width] -> [..., mlp_dim] -> [..., width]."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,7 +91,7 @@ class Mlp(nn.Module):
                  kernel_init=logical(default_kernel_init, 'embed', 'mlp'),
                  bias_init=logical(nn.initializers.zeros, 'mlp'))(x)
     h = checkpoint_name(h, 'mlp_hidden')
-    h = nn.gelu(h, approximate=True)
+    h = activation(self.activation)(h)
     return nn.Dense(width, dtype=self.dtype, name='fc2',
                     kernel_init=logical(default_kernel_init, 'mlp', 'embed'),
                     bias_init=logical(nn.initializers.zeros, 'embed'))(h)
@@ -138,22 +171,46 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
+  """Pre-LN transformer block: self-attention, optional cross-attention, MLP.
+
+  `layout='split'` (with cross-attention) is two residual blocks in one: self-attention and
+  an MLP, then cross-attention (its context normalised by `ln_cross_context`) and a second
+  MLP (`cross_mlp`). `layer_scale` > 0 multiplies each residual branch by a learned
+  per-channel scale initialised at that value (`ls_<branch>`).
+  """
   num_heads: int
   mlp_dim: int
   cross_attention: bool = False
   decode: bool = False
   dtype: Dtype = jnp.float32
+  activation: str = 'gelu_tanh'
+  ln_eps: float = DEFAULT_LN_EPS
+  layer_scale: float = 0.0
+  layout: str = 'fused'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
-    x = x + Attention(self.num_heads, decode=self.decode, dtype=self.dtype, name='self_attention')(
-        layer_norm('ln_self', self.dtype)(x), mask=mask)
+    if self.layout not in BLOCK_LAYOUTS:
+      raise ValueError(f'block layout {self.layout!r}; expected one of {BLOCK_LAYOUTS}')
+    norm = lambda name: layer_norm(name, self.dtype, self.ln_eps)
+    mlp = lambda name: Mlp(self.mlp_dim, self.dtype, self.activation, name=name)
+    branch = lambda name, y: layer_scale(self, name, y, self.layer_scale)
+    x = x + branch('ls_self', Attention(self.num_heads, decode=self.decode, dtype=self.dtype,
+                                        name='self_attention')(norm('ln_self')(x), mask=mask))
+    split = self.layout == 'split' and self.cross_attention
+    if split:
+      x = x + branch('ls_mlp', mlp('mlp')(norm('ln_mlp')(x)))
     if self.cross_attention:
-      x = x + Attention(self.num_heads, cross=True, decode=self.decode, dtype=self.dtype,
-                        name='cross_attention')(layer_norm('ln_cross', self.dtype)(x), context)
-    x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(layer_norm('ln_mlp', self.dtype)(x))
+      if split and context is not None:  # None: decoding reuses the cached context projections
+        context = norm('ln_cross_context')(context)
+      x = x + branch('ls_cross', Attention(self.num_heads, cross=True, decode=self.decode,
+                                           dtype=self.dtype, name='cross_attention')(
+                                               norm('ln_cross')(x), context))
+    if split:
+      x = x + branch('ls_cross_mlp', mlp('cross_mlp')(norm('ln_cross_mlp')(x)))
+    else:
+      x = x + branch('ls_mlp', mlp('mlp')(norm('ln_mlp')(x)))
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
 
@@ -226,17 +283,30 @@ class BlockStack:
 
 
 class AttentionalPooler(nn.Module):
-  """Learned queries attending over tokens: [B, N, W] -> [B, num_queries, W]."""
+  """Learned queries attending over tokens: [B, N, W] -> [B, num_queries, width].
+
+  `width` is the queries' (and output's) width, by default the tokens'. The context is
+  always normalised (`ln_context`); `query_norm` also normalises the queries (`ln_query`,
+  as open_clip does) and `output_norm` the output (`ln_out`, the default).
+  """
   num_queries: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  width: int | None = None
+  query_norm: bool = False
+  output_norm: bool = True
+  ln_eps: float = DEFAULT_LN_EPS
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    width = tokens.shape[-1]
+    width = self.width or tokens.shape[-1]
+    norm = lambda name: layer_norm(name, self.dtype, self.ln_eps)
     queries = self.param('queries', logical(nn.initializers.normal(0.02), None, 'embed'),
                          (self.num_queries, width))
-    queries = jnp.broadcast_to(queries.astype(tokens.dtype), (tokens.shape[0], *queries.shape))
+    queries = queries.astype(tokens.dtype)
+    if self.query_norm:
+      queries = norm('ln_query')(queries)
+    queries = jnp.broadcast_to(queries, (tokens.shape[0], *queries.shape))
     pooled = Attention(self.num_heads, dtype=self.dtype, name='attention')(
-        queries, layer_norm('ln_context', self.dtype)(tokens))
-    return layer_norm('ln_out', self.dtype)(pooled)
+        queries, norm('ln_context')(tokens))
+    return norm('ln_out')(pooled) if self.output_norm else pooled

@@ -1,6 +1,10 @@
 """ViT image encoder: images -> patch tokens [batch, patches, width].
 
-No class token: CoCa pools the patch tokens with attentional poolers (`models/coca.py`).
+No class token by default: CoCa pools the patch tokens with attentional poolers
+(`models/coca.py`). `class_token` prepends CLIP's learned class token (position 0) and
+`ln_pre` normalises the embeddings before the blocks, as OpenAI CLIP / open_clip ViTs do;
+`final_norm=False` leaves the output tokens unnormalised (for layouts that normalise after
+pooling).
 uint8 images are normalised here, so every caller (train step, evaluators, the Python API)
 gets the same preprocessing; float images are taken as already normalised.
 """
@@ -11,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlrep.models.layers import BlockStack, Dtype, layer_norm, logical
+from vlrep.models.layers import DEFAULT_LN_EPS, BlockStack, Dtype, layer_norm, logical
 
 # CLIP's RGB statistics: the convention most image-text checkpoints share.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,6 +48,13 @@ class VisionTransformer(nn.Module):
   remat: str = 'none'
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
+  class_token: bool = False
+  ln_pre: bool = False
+  final_norm: bool = True
+  patch_bias: bool = True
+  activation: str = 'gelu_tanh'
+  ln_eps: float = DEFAULT_LN_EPS
+  layer_scale: float = 0.0
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -63,13 +74,21 @@ class VisionTransformer(nn.Module):
       x = nn.gelu(x)
     p //= 2 ** len(self.stem_channels)
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                name='patch_embed',
+                name='patch_embed', use_bias=self.patch_bias,
                 kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, 'embed'),
                 bias_init=logical(nn.initializers.zeros, 'embed'))(x)
     x = x.reshape(x.shape[0], -1, self.width)
+    if self.class_token:
+      cls = self.param('cls_embed', logical(nn.initializers.normal(0.02), 'embed'), (self.width,))
+      cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))
+      x = jnp.concatenate([cls, x], axis=1)
     pos = self.param('pos_embed', logical(nn.initializers.normal(0.02), None, 'embed'),
                      x.shape[1:])
     x = x + pos.astype(self.dtype)
+    if self.ln_pre:
+      x = layer_norm('ln_pre', self.dtype, self.ln_eps)(x)
     x = BlockStack('block', self.depth, remat=self.remat, scan_layers=self.scan_layers,
-                   num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype)(x)
-    return layer_norm('ln_final', self.dtype)(x)
+                   num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                   activation=self.activation, ln_eps=self.ln_eps,
+                   layer_scale=self.layer_scale)(x)
+    return layer_norm('ln_final', self.dtype, self.ln_eps)(x) if self.final_norm else x
