@@ -37,6 +37,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_steps = 720 if demo else 10_000
   c.eval_batch_size = 250
+  # Start a new run from these weights (params only): a vlrep run directory, a directory
+  # written by Pretrained.save / vlrep.convert, or open_clip:STATE_DICT:MODEL_CFG_JSON
+  # (vlrep/init_from.py). '' = random initialisation. A resumed run ignores it.
+  c.init_from = ''
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).
