@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _has_converter() -> bool:
