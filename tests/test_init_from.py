@@ -14,6 +14,8 @@ from vlrep.models.coca import build_model
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 
+from conftest import load_config
+
 
 def test_fine_tune_from_export_then_from_run(config, tmp_path):
   config.total_steps = 1
@@ -22,6 +24,8 @@ def test_fine_tune_from_export_then_from_run(config, tmp_path):
   model = build_model(config)
   weights = jax.jit(lambda: nn.unbox(init_params(model, config, jax.random.key(1))))()
   exported = Pretrained(config, weights).save(str(tmp_path / 'export'))
+  # configs/saved.py:DIR gives a new run the exported model's config.
+  assert json.loads(load_config('saved', exported).to_json()) == json.loads(config.to_json())
 
   # A run started from it: with learning rate 0 its parameters stay exactly the exported
   # ones, so they are what it started from (not its own seed-0 initialisation); the loop

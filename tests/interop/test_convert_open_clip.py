@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -44,6 +43,13 @@ MODEL_CFG = dict(
     embed_dim=16, quick_gelu=True,
     vision_cfg=dict(image_size=16, patch_size=8, width=32, head_width=16, layers=1),
     text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+def _saved_config(path):
+  spec = importlib.util.spec_from_file_location('saved', os.path.join(REPO, 'configs', 'saved.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(path)
+
+
 TEXTS = ['a photo of a cat', 'Two RED circles &amp; one blue cross!', '',
          'a very long caption that goes on and on well past the sixteen token context length']
 
@@ -90,7 +96,7 @@ def test_convert_load_embed_and_fine_tune(tmp_path):
   # The tiny synthetic run fine-tuned from the import. AdamW moves a parameter by at most
   # about the learning rate per step, so after 2 steps every parameter lies within a few
   # learning rates of the imported one (a fresh initialisation would be ~0.05 away).
-  config = ml_collections.ConfigDict(loaded.config.to_dict())
+  config = _saved_config(str(output))  # --config=configs/saved.py:DIR
   config.update(batch_size=8, total_steps=2, log_every_steps=1, checkpoint_every_steps=2,
                 eval_every_steps=0, init_from=str(output))
   config.optim.update(warmup_steps=1, learning_rate=1e-3)
