@@ -17,7 +17,7 @@ Why the merge loop is written here: the `tokenizers` library gives the same ids 
 (huggingface-hub, hf-xet, httpx) into vlrep's core install for the 20 lines of `_merge`; the
 cleaning and splitting use the same libraries as open_clip (ftfy, regex), so their results
 are open_clip's by construction. Equality with `open_clip.tokenize` is tested
-(tests/interop/test_clip_bpe_parity.py).
+(tests/data/test_clip_bpe.py).
 """
 
 from __future__ import annotations
