@@ -77,6 +77,7 @@ def save(path: str, config: ml_collections.ConfigDict, params: Any) -> str:
       f.write(config.to_json(indent=2))
     partial = os.path.join(path, PARAMS_FILE + '.partial')
     safetensors.numpy.save_file(arrays, partial, metadata={'format': FORMAT})
+    os.chmod(partial, 0o644)  # safetensors creates it owner-only; config.json is not
     os.replace(partial, os.path.join(path, PARAMS_FILE))
   multihost_utils.sync_global_devices(f'vlrep.export.save:{path}')
   return path
