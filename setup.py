@@ -9,6 +9,8 @@ setup(
     long_description=open('README.md').read() if __import__('os').path.exists('README.md') else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['vlrep', 'vlrep.*']),
+    # CLIP's BPE vocabulary (data.tokenizer=clip_bpe) and its license notice.
+    package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.6',
@@ -24,10 +26,17 @@ setup(
         'array-record>=0.5',  # the ingested data format (also a grain dependency)
         'msgpack>=1.0',  # one record's encoding (vlrep/data/records.py)
         'sentencepiece>=0.2',  # data.tokenizer=sentencepiece:PATH and its trainer
+        'ftfy>=6.1',  # data.tokenizer=clip_bpe: open_clip's text cleaning
+        'regex>=2023.0',  # data.tokenizer=clip_bpe: its word splitting (\p{L} classes)
+        'safetensors>=0.4',  # Pretrained.save / exported models (numpy API, no torch)
     ],
     extras_require={
         # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
         'tfds': ['tensorflow-datasets>=4.9'],
-        'test': ['pytest>=8.0', 'tensorflow-datasets>=4.9'],
+        # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
+        # requirements for the interop parity tests; open_clip_torch itself is installed with
+        # --no-deps by the README's test command (its torchvision requirement would pull a
+        # CUDA build; tests/interop/open_clip_shim.py explains the torchvision stub).
+        'test': ['pytest>=8.0', 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
     },
 )

@@ -44,6 +44,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   # evaluate on the held-out synthetic split (data.eval); the paper sizes on the TFDS
   # benchmarks (imagenet2012, cifar10/100 zero-shot and probe, coco_captions).
   c.evals = entries.synthetic_evals() if demo else entries.benchmark_evals()
+  # Start a new run from these weights (params only): a vlrep run directory, a directory
+  # written by Pretrained.save / vlrep.convert, or open_clip:STATE_DICT:MODEL_CFG_JSON
+  # (vlrep/init_from.py). '' = random initialisation. A resumed run ignores it.
+  c.init_from = ''
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).

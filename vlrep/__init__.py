@@ -1,8 +1,11 @@
 """vlrep: train, evaluate and load CoCa-family image-text models in JAX/Flax.
 
-Public API: `vlrep.load(workdir, step=None) -> Pretrained` and `Pretrained` (`tokenize`,
-`encode_image`, `encode_text`, `caption`); `vlrep.load_open_clip(state_dict_path, model_cfg)`
-imports an open_clip CLIP or CoCa checkpoint. Training is `python -m vlrep.train`.
+Public API: `vlrep.load(path, step=None) -> Pretrained` (a run directory or one written by
+`Pretrained.save`) and `Pretrained` (`tokenize`, `encode_image`, `encode_text`, `caption`,
+`caption_logits`, `zero_shot_classifier`, `retrieve`, `save`);
+`vlrep.load_open_clip(state_dict_path, model_cfg)` imports an open_clip CLIP or CoCa
+checkpoint. Training is `python -m vlrep.train`; `python -m vlrep.convert` converts open_clip
+weights to an exported directory.
 """
 
 from vlrep.interop.open_clip import load_open_clip

@@ -16,7 +16,8 @@ EOS fills all `max_len` positions). Shared conventions:
   the negative ones of tokens already generated in the row; 1.0 disables it.
 Every loop is a `lax.while_loop` inside one jitted function. Sizes (`max_len`, `beam_size`)
 and beam search's settings are static; greedy's and sampling's settings are traced values,
-so changing them does not recompile.
+so changing them does not recompile. BOS and EOS default to vlrep's layout; pass the
+tokenizer's `bos_id` / `eos_id` for another (CLIP's BPE).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def _step(decoder: CoCa, params: Any, cache: Any, token: jax.Array,
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, position: jax.Array, min_len: int,
-                   repetition_penalty: float, eos_id: int = EOS_ID) -> jax.Array:
+                   repetition_penalty: float, eos_id: int = EOS_ID,
+                   bos_id: int = BOS_ID) -> jax.Array:
   """The logits every method decodes from: specials masked, min_len, repetition penalty.
 
   logits [N, V]; seen bool [N, V] (tokens generated so far); `position` is the index in the
@@ -84,7 +86,7 @@ def process_logits(logits: jax.Array, seen: jax.Array, position: jax.Array, min_
   penalised = jnp.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
   logits = jnp.where(seen, penalised, logits)
   vocab = jnp.arange(logits.shape[-1])
-  banned = (vocab == PAD_ID) | (vocab == BOS_ID)
+  banned = (vocab == PAD_ID) | (vocab == bos_id)
   banned = banned | ((vocab == eos_id) & (position <= min_len))
   return jnp.where(banned, NEG_INF, logits)
 
@@ -95,11 +97,11 @@ def _mark_seen(seen: jax.Array, token: jax.Array) -> jax.Array:
 
 def _left_to_right(decoder: CoCa, params: Any, context: jax.Array, max_len: int,
                    choose: Callable[[jax.Array, jax.Array], jax.Array], min_len: int,
-                   repetition_penalty: float, eos_id: int) -> jax.Array:
+                   repetition_penalty: float, eos_id: int, bos_id: int) -> jax.Array:
   """One hypothesis per row: `choose(processed logits [B, V], position) -> tokens [B]`."""
   batch = context.shape[0]
   cache = init_cache(decoder, params, context, max_len)
-  out = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+  out = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
   cache, logits = _step(decoder, params, cache, out[:, :1], context)
   seen = jnp.zeros(logits.shape, bool)
   done = jnp.zeros((batch,), bool)
@@ -110,7 +112,7 @@ def _left_to_right(decoder: CoCa, params: Any, context: jax.Array, max_len: int,
 
   def body(carry):
     t, cache, out, logits, seen, done = carry
-    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id)
+    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id)
     token = jnp.where(done, PAD_ID, choose(logits, t).astype(jnp.int32))
     out = out.at[:, t].set(token)
     done = done | (token == eos_id)
@@ -120,10 +122,10 @@ def _left_to_right(decoder: CoCa, params: Any, context: jax.Array, max_len: int,
   return jax.lax.while_loop(cond, body, (1, cache, out, logits, seen, done))[2]
 
 
-@functools.partial(jax.jit, static_argnames=('decoder', 'max_len', 'eos_id'))
+@functools.partial(jax.jit, static_argnames=('decoder', 'max_len', 'eos_id', 'bos_id'))
 def greedy(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int, *,
            min_len: int | jax.Array = 0, repetition_penalty: float | jax.Array = 1.0,
-           eos_id: int = EOS_ID) -> jax.Array:
+           eos_id: int = EOS_ID, bos_id: int = BOS_ID) -> jax.Array:
   """Greedy decoding. caption_tokens [B, N, W] -> int32 [B, max_len] as `[BOS, ..., EOS, PAD..]`.
 
   Stops early once every row has produced EOS. `min_len` and `repetition_penalty` as in
@@ -131,7 +133,7 @@ def greedy(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int, 
   """
   return _left_to_right(decoder, params, caption_tokens, max_len,
                         lambda logits, t: jnp.argmax(logits, axis=-1), min_len,
-                        repetition_penalty, eos_id)
+                        repetition_penalty, eos_id, bos_id)
 
 
 def filter_logits(logits: jax.Array, top_k: int | jax.Array = 0,
@@ -154,11 +156,12 @@ def filter_logits(logits: jax.Array, top_k: int | jax.Array = 0,
   return jnp.where(logits < threshold, NEG_INF, logits)
 
 
-@functools.partial(jax.jit, static_argnames=('decoder', 'max_len', 'eos_id'))
+@functools.partial(jax.jit, static_argnames=('decoder', 'max_len', 'eos_id', 'bos_id'))
 def sample(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int,
            rng: jax.Array, *, temperature: float | jax.Array = 1.0, top_k: int | jax.Array = 0,
            top_p: float | jax.Array = 1.0, repetition_penalty: float | jax.Array = 1.0,
-           min_len: int | jax.Array = 0, eos_id: int = EOS_ID) -> jax.Array:
+           min_len: int | jax.Array = 0, eos_id: int = EOS_ID,
+           bos_id: int = BOS_ID) -> jax.Array:
   """Ancestral sampling with temperature, top-k and nucleus filtering -> int32 [B, max_len].
 
   `temperature=0` is greedy decoding (negative temperatures count as 0); `top_k=0` and
@@ -172,7 +175,7 @@ def sample(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int,
     return jnp.where(temperature > 0, sampled, greedy_token)
 
   return _left_to_right(decoder, params, caption_tokens, max_len, choose, min_len,
-                        repetition_penalty, eos_id)
+                        repetition_penalty, eos_id, bos_id)
 
 
 def length_penalty_divisor(length: jax.Array, alpha: float) -> jax.Array:
@@ -181,12 +184,13 @@ def length_penalty_divisor(length: jax.Array, alpha: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('decoder', 'max_len', 'beam_size',
-                                             'length_penalty', 'min_len', 'eos_id',
+                                             'length_penalty', 'min_len', 'eos_id', 'bos_id',
                                              'repetition_penalty', 'return_scores'))
 def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int, *,
                 beam_size: int = 4, length_penalty: float = 0.6, min_len: int = 0,
                 eos_id: int = EOS_ID, repetition_penalty: float = 1.0,
-                return_scores: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                return_scores: bool = False,
+                bos_id: int = BOS_ID) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Beam search -> the best row per image, int32 [B, max_len] (and its score [B]).
 
   A hypothesis scores sum(log p(token)) / ((5 + n) / 6) ** length_penalty, with n the number
@@ -205,7 +209,7 @@ def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: 
   batch, beams = context.shape[0], beam_size
   rows = batch * beams
   cache = init_cache(decoder, params, context, max_len)
-  first = jnp.full((batch, 1), BOS_ID, jnp.int32)
+  first = jnp.full((batch, 1), bos_id, jnp.int32)
   cache, logits = _step(decoder, params, cache, first, context)  # image once, then tiled
   vocab = logits.shape[-1]
   # Beam b of image i is row i * beams + b of the tiled cache.
@@ -220,7 +224,7 @@ def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: 
           'context_'),
       axes, is_leaf=lambda x: x is None)
 
-  seqs = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32).at[..., 0].set(BOS_ID)
+  seqs = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32).at[..., 0].set(bos_id)
   # Only beam 0 is live at first, so the first expansion yields distinct tokens.
   logp = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF), (batch, 1))
   seen = jnp.zeros((rows, vocab), bool)
@@ -242,7 +246,7 @@ def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: 
 
   def body(carry):
     t, cache, logits, seqs, logp, seen, pool_seqs, pool_scores = carry
-    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id)
+    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id)
     token_logp = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab)
     candidates = logp[..., None] + token_logp
     divisor = length_penalty_divisor(t.astype(jnp.float32), length_penalty)

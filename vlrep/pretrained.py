@@ -12,8 +12,6 @@ passes the same inputs and gets the full outputs back.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -152,6 +150,7 @@ class Pretrained:
       raise ValueError(f'options {sorted(unknown)} do not apply to method {method!r}')
     max_len = max_len or self.config.data.max_text_len
     images = self.preprocess_images(images)
+    options.update(bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
     if method == 'sample':
       rng = jax.random.key(options.pop('seed', 0))
       chunks = iter(range(len(images)))  # a different key for each chunk
@@ -225,14 +224,28 @@ class Pretrained:
     return _in_chunks(functools.partial(_next_token_logits, self.model, self.params),
                       (images, tokens.astype(np.int32)), chunk, self._batch_sharding)
 
+  def save(self, path: str) -> str:
+    """Writes the model to the directory `path` (config.json + params.safetensors, see
+    `vlrep.export`); `vlrep.load(path)` reads it on any device count. Call on every process."""
+    from vlrep import export  # pylint: disable=g-import-not-at-top
+    return export.save(path, self.config, self.params)
 
-def load(workdir: str, step: int | None = None) -> Pretrained:
-  """The model of a training run: config from `workdir/config.json`, parameters from its
-  latest checkpoint (or `step`), placed on the local devices whatever the device count."""
-  from vlrep import checkpoint  # orbax is only needed here, not for Pretrained itself
 
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = build_model(config)
-  params = checkpoint.restore_params(workdir, model, config, step)
-  return Pretrained(config, params)
+def load(path: str, step: int | None = None, *,
+         mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+  """The model of a training run directory (its latest checkpoint, or `step`) or of a
+  directory written by `Pretrained.save`, placed on `mesh` (default: every device on the
+  batch axes) whatever the device count it was trained or saved on."""
+  from vlrep import export  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
+  config = export.read_config(path)
+  abstract = export.abstract_params(config, mesh)
+  if export.is_exported(path):
+    if step is not None:
+      raise ValueError(f'{path!r} is an exported model, which has no steps (step={step})')
+    params = export.place(export.read_arrays(path), abstract, path)
+  else:
+    from vlrep import checkpoint  # orbax is only needed here, not for Pretrained itself
+    params = checkpoint.restore_params(path, build_model(config), config, step)
+    params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+  return Pretrained(config, params, mesh=mesh)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import checkpoint, distributed, losses, sharding, step as step_lib
+from vlrep import checkpoint, distributed, init_from, losses, sharding, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -94,6 +94,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start is not None:
     state = checkpointer.restore(start, state, state_shardings, data_iterator)
     logging.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), start)
+  elif config.get('init_from'):  # only a fresh run: a resumed one continues from its own
+    state = state.replace(params=init_from.load_params(config.init_from, state.params))
+    logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 
   batch_sharding = sharding.batch_sharding(mesh)

@@ -14,6 +14,7 @@ later `from conftest import load_config` (tests/models, ...) fails in a whole-su
 """
 
 import importlib
+import os
 import sys
 import types
 
@@ -66,3 +67,12 @@ try:
   _install_torchvision_stub()
 except ImportError:
   pass
+
+
+def require() -> tuple[types.ModuleType, types.ModuleType]:
+  """(torch, open_clip). CI installs both (the README's test command), so there a missing
+  one is an error; elsewhere the calling test module is skipped."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  if os.environ.get('CI'):
+    return importlib.import_module('torch'), importlib.import_module('open_clip')
+  return pytest.importorskip('torch'), pytest.importorskip('open_clip')

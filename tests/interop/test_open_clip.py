@@ -11,10 +11,9 @@ import copy
 import numpy as np
 import pytest
 
-import open_clip_shim  # noqa: F401  (before open_clip: see the module)
+import open_clip_shim  # before open_clip: see the module
 
-torch = pytest.importorskip('torch')
-open_clip = pytest.importorskip('open_clip')
+torch, open_clip = open_clip_shim.require()
 
 import vlrep  # noqa: E402
 from vlrep import pretrained as pretrained_module  # noqa: E402

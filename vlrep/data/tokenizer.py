@@ -1,15 +1,18 @@
 """Tokenizers: text <-> int32 token ids with the fixed layout the model expects.
 
-Every tokenizer produces rows `[BOS, t_1 .. t_n, EOS, PAD ...]` of a fixed length, with
-PAD = 0, BOS = 1 and EOS = 2, so that the caption loss can ignore padding by id alone and the
-text decoder can append its [CLS] after the last position. `get_tokenizer(spec)` maps
-`config.data.tokenizer` to one:
+Every tokenizer produces rows `[BOS, t_1 .. t_n, EOS, PAD ...]` of a fixed length with
+PAD = 0, so that the caption loss can ignore padding by id alone and the text decoder can
+append its [CLS] after the last position. vlrep's own layout has BOS = 1 and EOS = 2; a
+tokenizer names its ids in `pad_id`, `bos_id` and `eos_id` (CLIP's BPE has its own).
+`get_tokenizer(spec)` maps `config.data.tokenizer` to one:
 
   bytes               UTF-8 bytes; needs no vocabulary file and any text in any script
                       round-trips exactly. The default.
   sentencepiece:PATH  a SentencePiece model (the CoCa paper uses a 64k one). Models from
                       this module's trainer have PAD/BOS/EOS at 0/1/2 already; others (the
                       SentencePiece defaults, T5's) are remapped to that layout.
+  clip_bpe[:PATH]     OpenAI CLIP's BPE, token for token open_clip's tokenizer (BOS 49406,
+                      EOS 49407; `vlrep/data/clip_bpe.py`); PATH: another merges file.
 
 Run as a program, this module trains a SentencePiece model on a source's captions:
 
@@ -42,12 +45,16 @@ DEFAULT_MAX_SENTENCES = 2_000_000
 # Only captions are read when training, but sources draw or decode an image per example:
 # a small one keeps that cheap.
 _CAPTION_IMAGE_SIZE = 32
-SPECS = ('bytes', 'sentencepiece:PATH')
+SPECS = ('bytes', 'sentencepiece:PATH', 'clip_bpe[:PATH]')
 _MIN_BATCH_ENCODE = 64
 
 
 class Tokenizer(Protocol):
   """What the input pipeline, the trainer and the evaluators use of a tokenizer."""
+
+  pad_id: int  # 0 for every tokenizer here
+  bos_id: int
+  eos_id: int
 
   @property
   def vocab_size(self) -> int:
@@ -64,6 +71,7 @@ class ByteTokenizer:
   """UTF-8 bytes shifted past the special ids; vocabulary of 259 ids."""
 
   vocab_size = 256 + _NUM_SPECIAL
+  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """Returns int32 [len(texts), max_len]; too long text is cut, keeping EOS last."""
@@ -96,6 +104,8 @@ class SentencePieceTokenizer:
   pieces (SentencePiece's defaults have no PAD, T5's model no BOS) still gets all three
   ids, so `vocab_size` is its number of pieces plus the special ids it lacks.
   """
+
+  pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
   def __init__(self, path: str):
     self.path = path
@@ -172,12 +182,17 @@ def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
-  """The tokenizer named by `config.data.tokenizer`: `bytes` or `sentencepiece:PATH`."""
+  """The tokenizer named by `config.data.tokenizer`: `bytes`, `sentencepiece:PATH` or
+  `clip_bpe[:PATH]`."""
   if spec == 'bytes':
     return ByteTokenizer()
   name, _, path = spec.partition(':')
   if name == 'sentencepiece' and path:
     return _load_sentencepiece(os.path.expanduser(path))
+  if name == 'clip_bpe':
+    # Imported here: only runs that use it pay for loading ftfy and the vocabulary.
+    from vlrep.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    return clip_bpe.get(path)
   raise ValueError(f'Unknown data.tokenizer {spec!r}; known: {", ".join(SPECS)}')
 
 

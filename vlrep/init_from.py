@@ -1,0 +1,67 @@
+"""`config.init_from`: start a training run from weights trained elsewhere.
+
+`config.init_from` is one of
+  DIR                                a vlrep run directory (the parameters of its latest
+                                     checkpoint) or a directory written by `Pretrained.save`;
+  open_clip:STATE_DICT:MODEL_CFG     an open_clip state dict file and its model config JSON
+                                     (open_clip's `model_configs/*.json` format), converted
+                                     by `vlrep.interop.open_clip` (the last ':' separates them).
+Only parameters are taken: the step, the optimizer state and the data stream start afresh.
+The train loop applies it only to a run with no checkpoint of its own, so a resumed run
+continues from its own checkpoint. The weights must fit the run's model exactly (same
+architecture and sizes); otherwise one error names every missing, unexpected or misshapen
+array with both shapes (`export.check_fits`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from vlrep import export
+
+OPEN_CLIP_PREFIX = 'open_clip:'
+
+
+def _open_clip_arrays(spec: str) -> dict[str, Any]:
+  state_dict, sep, model_cfg = spec[len(OPEN_CLIP_PREFIX):].rpartition(':')
+  if not sep or not state_dict or not model_cfg:
+    raise ValueError(f'init_from={spec!r}: expected open_clip:STATE_DICT_PATH:MODEL_CFG_JSON')
+  for path in (state_dict, model_cfg):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'init_from={spec!r}: {path!r} not found')
+  with open(model_cfg) as f:
+    cfg = json.load(f)
+  # Imported here: the conversion needs open_clip's layout, not every run does.
+  from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
+  return export.host_arrays(open_clip.load_open_clip(state_dict, cfg).params)
+
+
+def _run_arrays(path: str) -> dict[str, Any]:
+  from vlrep import checkpoint  # pylint: disable=g-import-not-at-top
+  from vlrep.models.coca import build_model  # pylint: disable=g-import-not-at-top
+  config = export.read_config(path)
+  # Restored in the shapes of the run that wrote them, so that a mismatch with this run's
+  # model is reported by name rather than as an Orbax restore error.
+  return export.host_arrays(checkpoint.restore_params(path, build_model(config), config))
+
+
+def named_arrays(spec: str) -> dict[str, Any]:
+  """The named parameter arrays (numpy, on every process) that `spec` points to."""
+  if spec.startswith(OPEN_CLIP_PREFIX):
+    return _open_clip_arrays(spec)
+  path = os.path.expanduser(spec)
+  if export.is_exported(path):
+    return export.read_arrays(path)
+  return _run_arrays(path)  # fails, naming the path, if it is not a run directory either
+
+
+def load_params(spec: str, like: Any) -> Any:
+  """The parameters `spec` points to, in the shapes, dtypes and shardings of the tree of
+  arrays `like` (the new run's own initial parameters)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          like)
+  return export.place(named_arrays(spec), abstract, f'init_from={spec!r}')
