@@ -146,8 +146,7 @@ class Checkpointer:
 def restore_params(workdir: str, model: CoCa, config: ml_collections.ConfigDict,
                    step: int | None = None) -> Any:
   """Parameters of `step` (default: latest) sharded over this process's devices."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  item_handlers={'params': ocp.StandardCheckpointHandler()})
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_item_handlers())
   try:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
