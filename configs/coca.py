@@ -54,6 +54,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   # Passes per step for memory (GradCache): the contrastive loss still sees the whole batch.
   c.microbatches = 1
+  # A step whose loss or gradients are not finite never updates anything. 'skip': count it
+  # (train/nonfinite_skipped) and go on, but stop after nan_max_consecutive in a row;
+  # 'halt': stop at the first, naming the step and the metric (README "Reliability").
+  c.nan_policy = 'skip'
+  c.nan_max_consecutive = 5
 
   c.model = ml_collections.ConfigDict()
   c.model.vision = ml_collections.ConfigDict({

@@ -31,8 +31,20 @@ def test_steps_on_a_fixed_batch_lower_the_loss(config):
   assert losses[-1] < 0.8 * losses[0], losses
   assert int(state.step) == 8
   expected = {'train/loss', 'train/contrastive_loss', 'train/caption_loss', 'train/logit_scale',
-              'train/learning_rate', 'train/grad_norm'}
+              'train/learning_rate', 'train/grad_norm', 'train/finite'}
   assert set(metrics) == expected
+  assert bool(metrics['train/finite'])
+
+  # A non-finite loss (here from a NaN parameter) drops the update: parameters and optimizer
+  # state come back bit for bit, the step counter moves on, and the flag says so.
+  nan = state.params['logit_scale'] * np.nan  # same sharding: no recompile
+  bad = state.replace(params={**state.params, 'logit_scale': nan})
+  after, metrics = train_step(bad, batch)
+  assert not bool(metrics['train/finite'])
+  assert np.isnan(metrics['train/loss']) and np.isnan(metrics['train/grad_norm'])
+  jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state),
+               (bad.params, bad.opt_state))
+  assert int(after.step) == 9
 
 
 @pytest.mark.parametrize('contrastive_type, impl, mesh', [

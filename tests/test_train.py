@@ -2,15 +2,18 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 import vlrep
-from vlrep import checkpoint, train
+from conftest import REPO, override_flags
+from vlrep import checkpoint, nonfinite, train
 
 
 @pytest.fixture(scope='module')
@@ -137,6 +140,23 @@ def test_every_mesh_gives_the_losses_of_one_device(one_device_losses, tmp_path, 
   np.testing.assert_allclose(losses, expected, rtol=2e-4)
 
 
+@pytest.mark.parametrize('mesh, devices', [({'data': 2, 'fsdp': 4}, 8), ({'data': -1}, 4)])
+def test_resume_on_another_mesh_or_device_count(trained, tmp_path, mesh, devices):
+  """Step 2 of the 8-device (data=8) run resumed on data=2 x fsdp=4, or on 4 devices: the
+  same loss at step 4."""
+  config, workdir, _ = trained
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), tmp_path / 'checkpoints')
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  config = config.copy_and_resolve_references()
+  config.eval_every_steps = 0
+  config.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
+  resumed = _train_losses(config, str(tmp_path), jax.devices()[:devices])
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  straight = [r['train/loss'] for r in records if 'train/loss' in r]
+  assert len(straight) == 2 and len(resumed) == 1  # logged at steps 2 and 4
+  np.testing.assert_allclose(resumed, straight[1:], rtol=2e-4)
+
+
 @pytest.fixture(scope='module')
 def one_device_losses(tmp_path_factory):
   """The tiny config (smaller batch, 3 steps) on one device: the reference every mesh meets."""
@@ -148,3 +168,86 @@ def one_device_losses(tmp_path_factory):
   losses = _train_losses(config, str(tmp_path_factory.mktemp('one')), jax.devices()[:1])
   assert len(losses) == 3
   return config, losses
+
+
+def _checkpoint_entries(workdir):
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+def test_kill_9_anywhere_then_rerun_is_bit_exact(trained, tmp_path):
+  """SIGKILL while the first checkpoint is being written, rerun, SIGKILL while the last is
+  being written, rerun: the final parameters are those of the run that never stopped."""
+  config, reference, _ = trained
+  workdir = str(tmp_path / 'run')
+  command = [sys.executable, '-m', 'vlrep.train', '--config=configs/coca.py:tiny',
+             f'--workdir={workdir}', *override_flags(config, eval_every_steps=0)]
+  # The second and third runs load the first one's executables instead of compiling again.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
+
+  def run_until_writing(step):
+    """Runs the command; SIGKILLs it once orbax's temporary directory for `step` exists."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not any(e.startswith(f'{step}.orbax-checkpoint-tmp') for e in
+                  _checkpoint_entries(workdir)):
+      assert process.poll() is None, process.communicate()[0][-3000:]
+      assert time.time() < deadline
+      time.sleep(0.002)
+    process.kill()
+    return process.communicate()[0]
+
+  output = run_until_writing(2)
+  assert 'resumed from' not in output
+  assert '2' not in _checkpoint_entries(workdir) or _checkpoint_entries(workdir) == ['2']
+  output = run_until_writing(4)
+  assert 'resumed from' not in output  # the unfinished save of step 2 was not picked up
+  assert '2' in _checkpoint_entries(workdir) and '4' not in _checkpoint_entries(workdir)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 2' in result.stderr
+  assert _checkpoint_entries(workdir) == ['2', '4']  # what the kills left was cleaned up
+  jax.tree.map(np.testing.assert_array_equal, vlrep.load(reference).params,
+               vlrep.load(workdir).params)
+
+
+def test_config_errors_are_one_line_and_fast(tmp_path):
+  """From the command line: exit status 1, one line naming the problem, before compiling."""
+  cases = [('--config.model.text.widht=3', '--config.model.text.widht: unknown config key '
+                                            "'widht' Did you mean \"width\""),
+           ('--config.batch_size=abc', "--config.batch_size=abc: invalid literal for int()"),
+           ('--config.data.train=arrayrecord:/no/such/dir', "No ArrayRecord files at "
+                                                             "'/no/such/dir'")]
+  for flag, message in cases:
+    start = time.time()
+    result = subprocess.run([sys.executable, '-m', 'vlrep.train', '--config=configs/coca.py:tiny',
+                             f'--workdir={tmp_path}/run', flag], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if 'vlrep.train: error:' in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    assert time.time() - start < 30  # the tiny model alone takes longer than that to compile
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_nan_halt_names_the_step_and_keeps_the_last_good_checkpoint(config, tmp_path):
+  """A learning rate of 1e30 blows the parameters up; nan_policy=halt stops at the first
+  non-finite step, and every checkpoint left is from before it."""
+  config.update(total_steps=8, log_every_steps=1, checkpoint_every_steps=1, eval_every_steps=0,
+                nan_policy='halt')
+  config.optim.learning_rate = 1e30
+  workdir = str(tmp_path)
+  with pytest.raises(nonfinite.NonFiniteError) as error:
+    train.train_and_evaluate(config, workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  # The bad step is checked before its metrics are written: every logged loss is finite.
+  assert all(isinstance(r['train/loss'], float) for r in records)
+  bad = records[-1]['step'] + 1
+  assert 1 < bad <= 8
+  assert f'at step {bad}: train/caption_loss=nan' in str(error.value)
+  assert 'nan_policy=halt' in str(error.value)
+  assert checkpoint.Checkpointer(workdir, 3).latest_step() == bad - 1
+  assert int(_checkpoint_entries(workdir)[-1]) == bad - 1

@@ -31,6 +31,9 @@ from vlrep.data.tokenizer import PAD_ID
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
+# train_step's metric that says whether the step's loss and gradients were all finite (and so
+# whether its update was applied); a flag for the loop, not a number to log.
+FINITE_METRIC = 'train/finite'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +168,16 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                  learning_rate=state.learning_rate_fn(state.step))
+  # A non-finite loss or gradient drops the whole update: parameters and optimizer state stay
+  # as they were (the step counter still advances past the batch). The loop decides, from
+  # `train/finite`, whether to go on (config.nan_policy, vlrep.nonfinite). Written here
+  # rather than with optax.apply_if_finite, which would check the gradients only and add
+  # counters to the optimizer state (and so to every checkpoint's layout).
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {f'train/{k}': v for k, v in metrics.items()}
+  return new_state, {**{f'train/{k}': v for k, v in metrics.items()}, FINITE_METRIC: finite}
 
 
 def _relax_names(boxed: Any) -> Any:

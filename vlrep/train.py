@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -20,7 +21,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import checkpoint, distributed, init_from, losses, sharding, step as step_lib
+from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, sharding,
+                   step as step_lib)
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -29,6 +31,10 @@ from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
 from vlrep.preemption import PreemptionWatcher
 from vlrep.pretrained import Pretrained
+
+
+class ConfigError(ValueError):
+  """A config that cannot run (`main` prints it as one line and exits 1)."""
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -48,6 +54,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ('contrastive_impl', losses.CONTRASTIVE_IMPLS)):
     if config.loss[field] not in allowed:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
+  nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:
     check_evals(config)
@@ -73,10 +80,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   The mesh spans `devices` (default: all devices of all processes).
   """
-  validate(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  # Fails before anything compiles if the batch cannot be split evenly.
-  sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
+  try:
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    # Fails before anything compiles if the batch cannot be split evenly.
+    sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -118,6 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   results: dict[str, float] = {}
   last_log_time, last_log_step = time.time(), start
   preempted = False
+  # On a stop, it first lets the checkpoints written before the bad step finish.
+  guard = nonfinite.guard_from_config(config, before_stop=checkpointer.wait)
   with PreemptionWatcher() as watcher:
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_iterator)
@@ -125,9 +137,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                          (config.batch_size, *v.shape[1:]))
                for k, v in local.items()}
       state, metrics = train_step(state, batch)
+      metrics = guard.push(step, metrics)
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
+        guard.check(step)  # waits for this step, as fetching its metrics does
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics['train/nonfinite_skipped'] = guard.skipped
         now = time.time()
         seconds_per_step = (now - last_log_time) / (step - last_log_step)
         metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
@@ -138,12 +153,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       seconds_per_step * (config.total_steps - step))
         last_log_time, last_log_step = now, step
       if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+        guard.check(step)  # never checkpoint past an unchecked step
         checkpointer.save(step, state, data_iterator)
       if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
         evaluate(step)
         last_log_time = time.time()  # evaluation time is not training speed
       if watcher.should_stop(step):
         if step % config.checkpoint_every_steps and step != config.total_steps:
+          guard.check(step)
           checkpointer.save(step, state, data_iterator)
         logging.warning('stopped at step %d on a preemption notice; checkpoint written. Run '
                         'the same command to resume.', step)
@@ -167,12 +184,39 @@ def _quiet_library_logs(record) -> bool:
   return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
+def _fail(message: str) -> None:
+  """Ends the program with one line on stderr and status 1 (no traceback)."""
+  print(f'vlrep.train: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or `--config.KEY` reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # an unknown flag, a value of the wrong type, a missing flag
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # config_flags: a key the config does not have
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = str(e.args[0]) if e.args else str(e)
+    key = message.splitlines()[0].strip('\'"') if message else ''
+    named = [arg.split('=')[0] for arg in argv[1:]
+             if arg.startswith('--config.') and arg.split('=')[0].endswith(f'.{key}')]
+    _fail(f'{", ".join(named) or key}: unknown config key {message}')
+  return []  # not reached
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_quiet_library_logs)
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize()
-  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ConfigError, nonfinite.NonFiniteError) as e:
+    logging.flush()
+    _fail(str(e))
 
 
 if __name__ == '__main__':
@@ -181,4 +225,4 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

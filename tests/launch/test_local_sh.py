@@ -1,4 +1,5 @@
-"""launch/local.sh: 2 processes x 4 devices train like 1 process x 8, and resume on 1 process.
+"""launch/local.sh: 2 processes x 4 devices train like 1 process x 8, and resume on 1 process;
+when one process dies, the other stops by itself within a bounded time.
 
 The multi-process run is real: two `python -m vlrep.train` processes joined over loopback
 by `jax.distributed` (gloo CPU collectives), each reading its half of every global batch,
@@ -7,8 +8,12 @@ writing one shared checkpoint and evaluating together.
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -79,3 +84,38 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   train.train_and_evaluate(config, workdir)
   np.testing.assert_allclose([_losses(_records(workdir))[s] for s in (3, 4)],
                              [expected[3], expected[4]], rtol=2e-4)
+
+
+def test_when_one_process_dies_the_other_stops_by_itself(tmp_path):
+  """SIGKILL process 1 once both have joined: process 0 must fail on its own (jax's heartbeat
+  check), well before local.sh's grace period would kill it."""
+  flags = override_flags(_config(), total_steps=100_000, eval_every_steps=0)
+  command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
+             '--devices_per_process=4', '--grace_s=600', '--', '--config=configs/coca.py:tiny',
+             f'--workdir={tmp_path}', *flags]
+  env = dict(os.environ, PYTHON=sys.executable, VLREP_HEARTBEAT_TIMEOUT_S='10')
+  launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True)
+  reader.start()
+  try:
+    deadline = time.time() + 300
+    # Process 1 has joined and built its state: process 0 is past the point of no return.
+    while not any(line.startswith('[p1]') and 'model:' in line for line in list(lines)):
+      assert launcher.poll() is None and time.time() < deadline, ''.join(lines)[-4000:]
+      time.sleep(0.2)
+    pids = re.search(r'pids (\d+) (\d+)', ''.join(lines)).groups()
+    os.kill(int(pids[1]), signal.SIGKILL)
+    killed = time.time()
+    launcher.wait(timeout=120)
+    stopped_after = time.time() - killed
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  reader.join(timeout=10)
+  output = ''.join(lines)
+  assert launcher.returncode == 137, output[-4000:]  # the first failure: the killed process
+  assert re.search(r'process 0 exited with status [1-9]', output), output[-4000:]
+  assert 'killing the' not in output  # process 0 stopped by itself, not by local.sh
+  assert stopped_after < 60, stopped_after
