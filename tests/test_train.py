@@ -218,6 +218,7 @@ def test_config_errors_are_one_line_and_fast(tmp_path):
   cases = [('--config.model.text.widht=3', '--config.model.text.widht: unknown config key '
                                             "'widht' Did you mean \"width\""),
            ('--config.batch_size=abc', "--config.batch_size=abc: invalid literal for int()"),
+           ('--config=configs/coca.py:huge', "Unknown coca variant 'huge'"),
            ('--config.data.train=arrayrecord:/no/such/dir', "No ArrayRecord files at "
                                                              "'/no/such/dir'")]
   for flag, message in cases:

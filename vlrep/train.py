@@ -193,8 +193,16 @@ def _fail(message: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag or `--config.KEY` reported in one line."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()  # config_flags defers a config file's load error to first use
+    return argv
   except flags.Error as e:  # an unknown flag, a value of the wrong type, a missing flag
+    message = str(e)
+    if 'Traceback (most recent call last)' in message:  # get_config raised: keep its error
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f'{message.split(": ")[0]}: {lines[-1].strip()}'
+    _fail(message)
+  except OSError as e:  # a config file that does not exist
     _fail(str(e))
   except (AttributeError, KeyError) as e:  # config_flags: a key the config does not have
     while e.args and isinstance(e.args[0], BaseException):
