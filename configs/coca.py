@@ -11,13 +11,16 @@ import ml_collections
 from vlrep.evals import entries
 
 # name: (image size, patch, width, heads, vision layers, vision mlp, text uni, text multi,
-#        text mlp, vocab, captioning queries)
+#        text mlp, vocab, captioning queries, text length)
+# `small` is the CPU benchmark (`python -m vlrep.bench`): CoCa's proportions at CPU scale, the
+# image encoder holding most of the FLOPs and a realistic 32k vocabulary, so that its LM head
+# (~11% of the step's FLOPs, `vlrep.flops`) is not what is measured.
 _VARIANTS = {
-    'tiny': (64, 8, 128, 4, 4, 512, 2, 1, 512, 259, 16),
-    'small': (96, 8, 256, 4, 4, 1024, 2, 2, 1024, 32_000, 64),
-    'base': (288, 18, 768, 12, 12, 3072, 12, 12, 3072, 64_000, 256),
-    'large': (288, 18, 1024, 16, 24, 4096, 12, 12, 4096, 64_000, 256),
-    'giant': (288, 18, 1408, 16, 40, 6144, 18, 18, 5632, 64_000, 256),
+    'tiny': (64, 8, 128, 4, 4, 512, 2, 1, 512, 259, 16, 64),
+    'small': (128, 8, 256, 4, 8, 1024, 3, 3, 1024, 32_000, 64, 32),
+    'base': (288, 18, 768, 12, 12, 3072, 12, 12, 3072, 64_000, 256, 64),
+    'large': (288, 18, 1024, 16, 24, 4096, 12, 12, 4096, 64_000, 256, 64),
+    'giant': (288, 18, 1408, 16, 40, 6144, 18, 18, 5632, 64_000, 256, 64),
 }
 
 
@@ -25,7 +28,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   if variant not in _VARIANTS:
     raise ValueError(f'Unknown coca variant {variant!r}; known: {sorted(_VARIANTS)}')
   (image_size, patch, width, heads, vision_layers, vision_mlp, uni, multi, text_mlp, vocab,
-   queries) = _VARIANTS[variant]
+   queries, text_len) = _VARIANTS[variant]
   demo = variant in ('tiny', 'small')
 
   c = ml_collections.ConfigDict()
@@ -115,6 +118,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   # grow with depth. Parameter paths change (`unimodal_<i>` -> `unimodal`): a checkpoint
   # only loads into a model with the same setting.
   c.model.scan_layers = False
+  # Compute dtype of the layers ('float32', 'bfloat16', 'float16'; losses, softmax and the
+  # embeddings stay float32) and the stored parameters' dtype (float32 master weights).
+  # bfloat16 for the accelerator-sized models; XLA:CPU has no fast bfloat16 matmul.
+  c.model.dtype = 'float32' if demo else 'bfloat16'
+  c.model.param_dtype = 'float32'
 
   c.loss = ml_collections.ConfigDict({
       'contrastive_weight': 1.0, 'caption_weight': 2.0,
@@ -122,7 +130,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       'contrastive_type': 'softmax',
       # gather: all-gather the embeddings (local x global logits per device);
       # ring: pass them round the devices (local x local), for very large batches.
-      'contrastive_impl': 'gather'})
+      'contrastive_impl': 'gather',
+      # Positions per slice of the caption loss: the output head, log-softmax and target
+      # gather run a slice at a time (recomputed in the backward pass), so the float32
+      # [batch, length, vocab] logits never exist at once; 0 = all positions in one go.
+      'caption_chunk': 8})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw' if demo else 'adafactor'
@@ -139,7 +151,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.eval = 'synthetic:test'
   c.data.eval_examples = 1_000
   c.data.image_size = image_size
-  c.data.max_text_len = 64
+  c.data.max_text_len = text_len
   c.data.tokenizer = 'bytes'
   # 'resize' (shorter side to image_size, center crop) or 'random_resized_crop' (50-100%
   # of the area, seeded per example: the same for any process count and after a resume).

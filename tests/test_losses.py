@@ -157,3 +157,34 @@ def test_caption_loss_ignores_padding():
   logits[1, 2:] -= 50.0
   assert float(losses.caption_loss(jnp.asarray(logits), jnp.asarray(tokens))) == pytest.approx(
       np.mean(terms), rel=1e-5)
+
+
+def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient():
+  rng = np.random.default_rng(2)
+  batch, length, width, vocab = 3, 10, 8, 37
+  tokens = rng.integers(3, vocab, (batch, length)).astype(np.int32)
+  tokens[0, 6:] = 0  # padding: its positions must weigh nothing in either loss
+  tokens[2, 3:] = 0
+  features = jnp.asarray(rng.normal(size=(batch, length - 1, width)), jnp.float32)
+  head = {'kernel': jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32),
+          'bias': jnp.asarray(rng.normal(size=(vocab,)), jnp.float32)}
+  apply_head = lambda h, x: x @ h['kernel'] + h['bias']
+
+  def plain(features, head):
+    return losses.caption_loss(apply_head(head, features), jnp.asarray(tokens))
+
+  def chunked(features, head, chunk):
+    return losses.chunked_caption_loss(features, jnp.asarray(tokens),
+                                       lambda x: apply_head(head, x), chunk)
+
+  value_and_grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
+  want, want_grads = value_and_grad(lambda f, h, _: plain(f, h))(features, head, 0)
+  chunked_grad = value_and_grad(chunked)
+  # 4 does not divide the 9 positions (a padded last slice); 50 is more than all of them.
+  for chunk in (1, 4, 50):
+    got, got_grads = chunked_grad(features, head, chunk)
+    assert float(got) == pytest.approx(float(want), rel=1e-5), chunk
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='caption_chunk'):
+    chunked(features, head, 0)

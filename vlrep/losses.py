@@ -12,13 +12,16 @@ ways:
   Memory stays flat as the global batch (and the number of devices) grows.
 
 `softmax_contrastive_loss` and `sigmoid_contrastive_loss` are the plain global references.
-Each function returns a scalar float32 mean.
+`caption_loss` is the captioning cross-entropy of given logits; `chunked_caption_loss` the
+same value from the features before the output head, a few positions at a time. Each
+function returns a scalar float32 mean.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +211,44 @@ def caption_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   weights = (targets != PAD_ID).astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def chunked_caption_loss(features: jax.Array, tokens: jax.Array,
+                         head: Callable[[jax.Array], jax.Array], chunk: int) -> jax.Array:
+  """`caption_loss(head(features), tokens)` without ever holding the [B, L-1, V] logits.
+
+  features: [B, L-1, W], the caption features before the output head; head: features
+  [B, c, W] -> logits [B, c, V] (any dtype; the loss is taken in float32); chunk: positions
+  per slice. A scan applies the head, log-softmax and target gather to `chunk` positions at
+  a time, rematerialised so that the backward pass also holds one slice of logits at a time
+  (it recomputes the head's forward for each slice: the head's FLOPs go from 3 to 4
+  forwards, while the float32 [B, L-1, V] logits, their softmax and its gradient -- the
+  largest buffers of a step at a realistic vocabulary -- are never materialised).
+  Positions stay whole for every example, so a batch-sharded input stays sharded.
+  """
+  if chunk < 1:
+    raise ValueError(f'loss.caption_chunk={chunk}: the chunked loss needs >= 1 position')
+  targets = tokens[:, 1:]
+  batch, length = targets.shape
+  if features.shape[:2] != (batch, length):
+    raise ValueError(f'caption features {features.shape} do not match the {length} targets '
+                     f'of tokens {tokens.shape}')
+  count = jnp.maximum(jnp.sum(targets != PAD_ID), 1).astype(jnp.float32)
+  chunk = min(chunk, length)
+  slices = -(-length // chunk)
+  pad = slices * chunk - length  # padded positions get PAD targets, which weigh nothing
+  features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=PAD_ID)
+  features = features.reshape(batch, slices, chunk, -1).swapaxes(0, 1)
+  targets = targets.reshape(batch, slices, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def slice_sum(x: jax.Array, t: jax.Array) -> jax.Array:
+    xent = optax.softmax_cross_entropy_with_integer_labels(head(x).astype(jnp.float32), t)
+    return jnp.sum(jnp.where(t != PAD_ID, xent, 0.0))
+
+  def accumulate(total, xs):
+    return total + slice_sum(*xs), None
+
+  total, _ = jax.lax.scan(accumulate, jnp.zeros((), jnp.float32), (features, targets))
+  return total / count

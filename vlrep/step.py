@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from vlrep import losses, sharding
 from vlrep.data.tokenizer import PAD_ID
-from vlrep.models.coca import TEMPERATURE_KEYS, CoCa
+from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, compute_dtype
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
 # train_step's metric that says whether the step's loss and gradients were all finite (and so
@@ -43,12 +43,19 @@ class LossConfig:
   caption_weight: float = 2.0
   contrastive_type: str = 'softmax'
   contrastive_impl: str = 'gather'
+  # Positions per slice of the chunked caption loss (`losses.chunked_caption_loss`); 0 = the
+  # plain loss over the whole [B, L-1, V] logits.
+  caption_chunk: int = 0
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
+    caption_chunk = int(loss.get('caption_chunk', 0))  # configs saved before it: plain loss
+    if caption_chunk < 0:
+      raise ValueError(f'loss.caption_chunk must be >= 0 (0 = unchunked), got {caption_chunk}')
     return cls(contrastive_weight=float(loss.contrastive_weight),
                caption_weight=float(loss.caption_weight),
-               contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl)
+               contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl,
+               caption_chunk=caption_chunk)
 
 
 @flax.struct.dataclass
@@ -80,14 +87,28 @@ def _metrics(contrastive: jax.Array, caption: jax.Array, temperature: dict[str, 
           **temperature}
 
 
+def _forward(model: CoCa, params: Any, batch: Batch,
+             loss_config: LossConfig) -> tuple[dict[str, jax.Array], jax.Array]:
+  """The model's outputs and its caption loss (0 without multimodal layers)."""
+  chunk = loss_config.caption_chunk
+  out = model.apply({'params': params}, batch['images'], batch['tokens'],
+                    caption_features=chunk > 0)
+  if 'caption_features' in out:
+    head = lambda x: model.apply({'params': params}, x, method=CoCa.caption_head)
+    caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head, chunk)
+  elif 'caption_logits' in out:
+    caption = losses.caption_loss(out['caption_logits'], batch['tokens'])
+  else:
+    caption = jnp.zeros((), jnp.float32)
+  return out, caption
+
+
 def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConfig,
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted total loss and its parts (and the temperature) for one global batch."""
-  out = model.apply({'params': params}, batch['images'], batch['tokens'])
+  out, caption = _forward(model, params, batch, loss_config)
   temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}
   contrastive = _contrastive(out['image_emb'], out['text_emb'], temperature, loss_config, mesh)
-  caption = (losses.caption_loss(out['caption_logits'], batch['tokens'])
-             if 'caption_logits' in out else jnp.zeros((), jnp.float32))
   metrics = _metrics(contrastive, caption, temperature, loss_config)
   return metrics['loss'], metrics
 
@@ -138,13 +159,13 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
     mb, image_grad, text_grad = xs
 
     def surrogate(params):
-      out = model.apply({'params': params}, mb['images'], mb['tokens'])
+      out, caption = _forward(model, params, mb, config)
       value = config.contrastive_weight * (jnp.sum(out['image_emb'] * image_grad) +
                                            jnp.sum(out['text_emb'] * text_grad))
       caption_sum = jnp.zeros((), jnp.float32)
       if has_caption:
         count = jnp.sum(mb['tokens'][:, 1:] != PAD_ID).astype(jnp.float32)
-        caption_sum = losses.caption_loss(out['caption_logits'], mb['tokens']) * count
+        caption_sum = caption * count
       return value + config.caption_weight * caption_sum / targets, caption_sum
 
     micro_grads, caption_sum = jax.grad(surrogate, has_aux=True)(params)
@@ -197,9 +218,15 @@ def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> Bat
 
 
 def init_params(model: CoCa, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
-  """Parameters boxed with their logical axis names (unbox with `nn.unbox`)."""
+  """Parameters boxed with their logical axis names (unbox with `nn.unbox`).
+
+  Stored in `model.param_dtype` (float32 master weights by default, whatever `model.dtype`
+  the layers compute in: they cast the parameters as they use them).
+  """
   batch = example_batch(config)
-  return model.init(rng, batch['images'], batch['tokens'])['params']
+  params = model.init(rng, batch['images'], batch['tokens'])['params']
+  dtype = compute_dtype(config.model.get('param_dtype', 'float32'), 'model.param_dtype')
+  return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
 
 
 def create_train_state(model: CoCa, tx: optax.GradientTransformation,

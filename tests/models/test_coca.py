@@ -274,3 +274,35 @@ def test_layout_option_parameters_have_logical_axis_names(config):
   assert not [jax.tree_util.keystr(p) for p, leaf in leaves
               if not isinstance(leaf, nn.Partitioned)]
   assert len(leaves) > 100
+
+
+def test_caption_features_and_bfloat16_compute(config):
+  """`caption_features` + `caption_head` is `caption_logits`; `model.dtype=bfloat16` computes
+  the same outputs to bfloat16 precision from the same float32 parameters."""
+  params = _init(config)
+  batch = example_batch(config, batch_size=2)
+  batch['tokens'] = batch['tokens'].at[:, :5].set(jnp.arange(3, 8))
+  images = np.random.default_rng(0).integers(0, 256, batch['images'].shape, np.uint8)
+
+  def forward(dtype):
+    config.model.dtype = dtype
+    model = build_model(config)
+    def apply(params):
+      out = model.apply({'params': params}, images, batch['tokens'])
+      features = model.apply({'params': params}, images, batch['tokens'],
+                             caption_features=True)['caption_features']
+      return out, model.apply({'params': params}, features, method=CoCa.caption_head)
+    return jax.jit(apply)(params)
+
+  out, head_logits = forward('float32')
+  np.testing.assert_allclose(head_logits, out['caption_logits'], rtol=1e-5, atol=1e-5)
+  out_bf16, _ = forward('bfloat16')
+  assert out_bf16['caption_logits'].dtype == jnp.bfloat16
+  assert out_bf16['image_emb'].dtype == jnp.float32  # embeddings (and the losses) stay float32
+  for name in ('image_emb', 'text_emb', 'caption_logits'):
+    np.testing.assert_allclose(np.asarray(out_bf16[name], np.float32), out[name], atol=0.1)
+  with pytest.raises(ValueError, match='model.dtype'):
+    forward('int8')
+  config.model.update(dtype='float32', param_dtype='bfloat16')
+  bf16_params = jax.eval_shape(lambda: init_params(build_model(config), config, jax.random.key(0)))
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(bf16_params))} == {jnp.dtype('bfloat16')}

@@ -122,15 +122,28 @@ class CoCa(nn.Module):
     cls, token_features = self.text_decoder.encode(tokens)
     return l2_normalize(self.text_projection(cls).astype(jnp.float32)), token_features
 
-  def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`."""
+  def __call__(self, images: jax.Array, tokens: jax.Array,
+               caption_features: bool = False) -> dict[str, jax.Array]:
+    """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`.
+
+    With `caption_features=True` the output has `caption_features` [B, L-1, W] instead of
+    `caption_logits`: the features before the output head (`caption_head`), for a loss that
+    applies the head in chunks.
+    """
     image_emb, caption_tokens = self.encode_image(images)
     text_emb, token_features = self.encode_text(tokens)
     out = {'image_emb': image_emb, 'text_emb': text_emb, **self.temperature()}
     if self.text_decoder.multimodal_layers:
-      out['caption_logits'] = self.text_decoder.caption_logits(token_features[:, :-1],
-                                                               caption_tokens)
+      features = self.text_decoder.caption_features(token_features[:, :-1], caption_tokens)
+      if caption_features:
+        out['caption_features'] = features
+      else:
+        out['caption_logits'] = self.text_decoder.logits(features)
     return out
+
+  def caption_head(self, features: jax.Array) -> jax.Array:
+    """Caption features [..., W] -> next-token logits [..., V] (the decoder's output head)."""
+    return self.text_decoder.logits(features)
 
   def embed(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(image embeddings, text embeddings) only: what the contrastive loss reads."""
@@ -150,6 +163,14 @@ class CoCa(nn.Module):
 
 POOLERS = ('cascade', 'parallel', 'single', 'none')
 IMAGE_POOLS = ('attn', 'tok', 'avg')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def compute_dtype(name: str, field: str) -> jnp.dtype:
+  """The dtype named by config field `field` (one of `DTYPES`)."""
+  if name not in DTYPES:
+    raise ValueError(f'{field}={name!r}; expected one of {DTYPES}')
+  return jnp.dtype(name)
 
 
 def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa:
@@ -158,6 +179,8 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   The text length comes from `config.data.max_text_len`, so data and model always agree.
   `model.remat` and `model.scan_layers` apply to every transformer stack (see
   `layers.BlockStack`); configs saved before they existed read as 'none' and False.
+  `model.dtype` is the compute dtype of every layer (embeddings and losses stay float32);
+  the parameters' dtype, `model.param_dtype`, is applied by `vlrep.step.init_params`.
   """
   model = config.model
   vision, text = model.vision, model.text
@@ -180,7 +203,7 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   remat, scan_layers = model.get('remat', 'none'), bool(model.get('scan_layers', False))
   if remat not in REMAT_MODES:
     raise ValueError(f'model.remat={remat!r}; expected one of {REMAT_MODES}')
-  dtype = jnp.float32
+  dtype = compute_dtype(model.get('dtype', 'float32'), 'model.dtype')
   temperature_init, bias_init = TEMPERATURE_INIT[config.loss.get('contrastive_type', 'softmax')]
   return CoCa(
       image_encoder=VisionTransformer(

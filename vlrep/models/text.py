@@ -149,9 +149,21 @@ class TextDecoder(nn.Module):
 
   def caption_logits(self, token_features: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """Unimodal token features [B, T, W] + image tokens [B, N, W] -> next-token logits [B, T, V]."""
+    return self.logits(self.caption_features(token_features, image_tokens))
+
+  def caption_features(self, token_features: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """`caption_logits` before the output head: [B, T, W], what `logits` maps to the vocabulary.
+
+    The train step's chunked caption loss applies the head a slice at a time, so the
+    [B, T, V] logits never exist at once.
+    """
     mask = nn.make_causal_mask(jnp.ones(token_features.shape[:2], bool), dtype=bool)
     x = self.multimodal(token_features, mask=mask, context=image_tokens)
-    return self.output_head(self.ln_final(x))
+    return self.ln_final(x)
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    """The output head: features [..., W] -> next-token logits [..., V]."""
+    return self.output_head(features)
 
   def decode_step(self, token: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
     """One autoregressive step (decode=True): token int32 [B, 1] -> logits [B, V].

@@ -1,0 +1,94 @@
+"""Analytic model FLOPs of one train step, per component, from the config alone.
+
+`train_flops_per_step(config)` is what `vlrep.bench` divides by the step time for MFU.
+Counted: every matrix multiplication of the model (one multiply-add = 2 FLOPs) -- the image
+encoder (stem and patch convolutions, attention projections, attention scores and weighted
+sums, MLPs), both attentional poolers, the unimodal and the multimodal text decoder
+(self- and cross-attention), the LM head, the two embedding projections and the B x B
+contrastive logits. Causal self-attention is counted by its non-masked half (T(T+1)/2
+query-key pairs of T^2). Not counted: element-wise work (LayerNorm, GELU, softmax,
+residual sums, the loss) and rematerialisation, as usual for MFU ("model FLOPs", Chowdhery et
+al. 2022). Training counts the forward pass three times (forward, and a backward pass
+that costs two forwards).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TRAIN_FORWARD_MULTIPLE = 3
+
+
+def _attention(queries: int, keys: int, width: int, pairs: int | None = None) -> int:
+  """One attention layer: q/k/v/out projections plus scores and weighted sum (per example)."""
+  pairs = queries * keys if pairs is None else pairs
+  return 2 * width * width * (2 * queries + 2 * keys) + 2 * 2 * pairs * width
+
+
+def _causal_pairs(length: int) -> int:
+  return length * (length + 1) // 2
+
+
+def _mlp(tokens: int, width: int, mlp_dim: int) -> int:
+  return 2 * 2 * tokens * width * mlp_dim
+
+
+def forward_flops_per_example(config: ml_collections.ConfigDict,
+                              causal_half: bool = True) -> dict[str, int]:
+  """Forward FLOPs of one example by component (the contrastive logits are per batch).
+
+  `causal_half=False` counts causal self-attention in full (T^2 pairs), as XLA does.
+  """
+  model, size = config.model, config.data.image_size
+  vision, text = model.vision, model.text
+  w, p = vision.width, vision.patch_size
+
+  # Image encoder: optional stride-2 3x3 conv stem, patchify convolution, blocks.
+  image, channels, side = 0, 3, size
+  for out_channels in vision.get('stem_channels', ()):
+    side //= 2
+    image += 2 * side * side * 9 * channels * out_channels
+    channels = out_channels
+  patch = p // 2 ** len(vision.get('stem_channels', ()))
+  patches = (size // p) ** 2
+  image += 2 * patches * patch * patch * channels * w
+  image += vision.layers * (_attention(patches, patches, w) + _mlp(patches, w, vision.mlp_dim))
+
+  has_caption = text.multimodal_layers > 0
+  queries = model.captioning_queries
+  caption_pooler = _attention(queries, patches, w) if has_caption else 0
+  cascade = model.pooler == 'cascade' and has_caption
+  contrastive_pooler = _attention(1, queries if cascade else patches, w)
+
+  # Text: the unimodal half reads L tokens + [CLS]; the multimodal half reads L - 1 tokens
+  # (the last token predicts nothing) and cross-attends to the captioning pooler's tokens.
+  tw, length = text.width, config.data.max_text_len
+  def causal(t):
+    return _causal_pairs(t) if causal_half else t * t
+  uni_len, multi_len = length + 1, length - 1
+  unimodal = text.unimodal_layers * (_attention(uni_len, uni_len, tw, causal(uni_len)) +
+                                     _mlp(uni_len, tw, text.mlp_dim))
+  multimodal = text.multimodal_layers * (
+      _attention(multi_len, multi_len, tw, causal(multi_len)) +
+      _attention(multi_len, queries, tw) + _mlp(multi_len, tw, text.mlp_dim)) if has_caption else 0
+  lm_head = 2 * multi_len * tw * text.vocab_size if has_caption else 0
+  projections = 2 * (w + tw) * model.embed_dim
+  return {'image_encoder': image, 'captioning_pooler': caption_pooler,
+          'contrastive_pooler': contrastive_pooler, 'text_unimodal': unimodal,
+          'text_multimodal': multimodal, 'lm_head': lm_head, 'projections': projections}
+
+
+def forward_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
+                  causal_half: bool = True) -> dict[str, int]:
+  """Forward FLOPs of one global batch by component, plus `contrastive_logits` and `total`."""
+  batch = config.batch_size if batch_size is None else batch_size
+  parts = {k: v * batch for k, v in forward_flops_per_example(config, causal_half).items()}
+  parts['contrastive_logits'] = 2 * batch * batch * config.model.embed_dim
+  parts['total'] = sum(parts.values())
+  return parts
+
+
+def train_flops_per_step(config: ml_collections.ConfigDict,
+                         batch_size: int | None = None) -> dict[str, int]:
+  """Model FLOPs of one train step (forward x3) by component, plus `total`."""
+  return {k: TRAIN_FORWARD_MULTIPLE * v for k, v in forward_flops(config, batch_size).items()}
