@@ -12,8 +12,8 @@ Run from the repository root:
 
 Settings: `coca` (the config as it is), `coca_unchunked` (`loss.caption_chunk=0`: the
 [B, L-1, V] logits materialised), `clip` (configs/clip.py: same image encoder and unimodal
-text layers, no captioning pooler, multimodal layers or LM head), and `coca_scan_remat`
-(`model.scan_layers` with `model.remat=minimal`).
+text layers, no captioning pooler, multimodal layers or LM head), `coca_scan_remat`
+(`model.scan_layers` with `model.remat=minimal`) and `coca_bf16` (`model.dtype=bfloat16`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def settings(variant: str) -> dict:
     return config
   return {'coca': coca(), 'coca_unchunked': coca(**{'loss.caption_chunk': 0}),
           'clip': load_config('clip', variant),
-          'coca_scan_remat': coca(**{'model.scan_layers': True, 'model.remat': 'minimal'})}
+          'coca_scan_remat': coca(**{'model.scan_layers': True, 'model.remat': 'minimal'}),
+          'coca_bf16': coca(**{'model.dtype': 'bfloat16'})}
 
 
 def main() -> None:

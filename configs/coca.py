@@ -120,7 +120,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.scan_layers = False
   # Compute dtype of the layers ('float32', 'bfloat16', 'float16'; losses, softmax and the
   # embeddings stay float32) and the stored parameters' dtype (float32 master weights).
-  # bfloat16 for the accelerator-sized models; XLA:CPU has no fast bfloat16 matmul.
+  # bfloat16 for the accelerator-sized models, float32 for the CPU-sized ones.
   c.model.dtype = 'float32' if demo else 'bfloat16'
   c.model.param_dtype = 'float32'
 
