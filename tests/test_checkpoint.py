@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlrep import checkpoint, sharding, step
+from vlrep import checkpoint, export, sharding, step
 from vlrep.data import pipeline
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
@@ -23,11 +23,11 @@ def _state(config):
 
 def test_check_shapes_names_the_array_and_both_shapes():
   expected = {'params': {'dense': {'kernel': np.zeros((4, 8)), 'bias': np.zeros(8)}}}
-  checkpoint.check_shapes(expected, expected)
+  export.check_shapes(expected, expected, 'the checkpoint')
   found = {'params': {'dense': {'kernel': np.zeros((4, 16)), 'bias': np.zeros(8)},
                       'extra': np.zeros(2)}}
   with pytest.raises(ValueError) as error:
-    checkpoint.check_shapes(expected, found)
+    export.check_shapes(expected, found, 'the checkpoint')
   message = str(error.value)
   assert 'params/dense/kernel: (4, 16) in the checkpoint, (4, 8) in the config' in message
   assert 'params/extra: in the checkpoint (2,) but not in the config' in message

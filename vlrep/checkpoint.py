@@ -6,7 +6,7 @@ state (a JSON position in the global stream), captured when `save` is called, so
 run sees exactly the batches it would have seen. Saves are asynchronous; orbax writes into a
 temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a
 process killed mid-save leaves at most a temporary directory, which is never picked up (and
-is deleted by the next run). Before restoring, `check_shapes` compares the checkpoint's
+is deleted by the next run). Before restoring, `export.check_shapes` compares the checkpoint's
 metadata with the arrays the config builds, so a mismatch names the array and both shapes.
 """
 
@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlrep import sharding, step as step_lib
+from vlrep import export, sharding, step as step_lib
 from vlrep.models.coca import CoCa
 
 # Orbax splits each replicated array among its replicas ("replica-parallel" writes) by slicing
@@ -59,38 +59,12 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-  """'a/b/0/c' -> shape for every leaf; namedtuple fields, dict keys and indices alike."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
-          for path, leaf in leaves}
-
-
-def check_shapes(expected: Any, found: Any, what: str = 'checkpoint') -> None:
-  """Raises ValueError unless `found` has the arrays of `expected`, with the same shapes.
-
-  `expected`: the tree the config builds (arrays or `jax.ShapeDtypeStruct`s); `found`: the
-  same from a checkpoint (e.g. orbax's item metadata, or arrays). The message names each
-  array ('params/vision/stem/kernel') and both shapes, so that restoring into the wrong
-  config says why instead of failing somewhere inside tensorstore.
-  """
-  want, have = _shapes_by_path(expected), _shapes_by_path(found)
-  problems = [f'{path}: {have[path]} in the {what}, {shape} in the config'
-              for path, shape in want.items() if path in have and have[path] != shape]
-  problems += [f'{path}: not in the {what} (the config has {shape})'
-               for path, shape in want.items() if path not in have]
-  problems += [f'{path}: in the {what} {have[path]} but not in the config'
-               for path in have if path not in want]
-  if problems:
-    more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
-    raise ValueError(f'the {what} does not match the config: ' + '; '.join(problems[:5]) + more)
-
-
 def _check_items(manager: ocp.CheckpointManager, step: int, expected: Mapping[str, Any]) -> None:
   """`check_shapes` for each item of `expected` against checkpoint `step`'s metadata."""
   metadata = manager.item_metadata(step)
   try:
-    check_shapes(dict(expected), {name: metadata[name] for name in expected})
+    export.check_shapes(dict(expected), {name: metadata[name] for name in expected},
+                        'the checkpoint')
   except ValueError as e:
     raise ValueError(f'{os.path.join(manager.directory, str(step))}: {e}') from None
 

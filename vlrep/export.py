@@ -111,25 +111,41 @@ def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                       nn.unbox(boxed), shardings)
 
 
-def check_fits(named: Mapping[str, Any], abstract: Any, source: str) -> None:
-  """Raises ValueError naming every array that is missing, unexpected or of another shape."""
-  wanted = {name: tuple(x.shape) for name, x in named_arrays(abstract).items()}
-  have = {name: tuple(np.shape(x)) for name, x in named.items()}
-  problems = [f'  {name}: {source} has shape {have[name]}, the model wants {shape}'
-              for name, shape in wanted.items() if name in have and have[name] != shape]
-  problems += [f'  {name}: missing from {source} (the model wants {shape})'
-               for name, shape in wanted.items() if name not in have]
-  problems += [f'  {name}: in {source} (shape {shape}) but not in the model'
-               for name, shape in have.items() if name not in wanted]
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'a/b/0/c' -> shape for every leaf; namedtuple fields, dict keys and indices alike (a
+  flat {'a/b/c': array} dict gives the same names as the nested tree)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def check_shapes(expected: Any, found: Any, what: str) -> None:
+  """Raises ValueError unless `found` has exactly the arrays of `expected`, same shapes.
+
+  `expected`: the tree the config builds (arrays or `jax.ShapeDtypeStruct`s); `found`: the
+  same from somewhere else, as a tree or a flat {'a/b/c': array} dict (a checkpoint's
+  metadata, an export, converted weights), described by `what` ('the checkpoint'). The
+  message names every mismatched, missing or unexpected array with both shapes, so that
+  loading the wrong weights says why instead of failing somewhere inside the loader.
+  """
+  want, have = _shapes_by_path(expected), _shapes_by_path(found)
+  problems = [f'{path}: {have[path]} in {what}, {shape} in the config'
+              for path, shape in want.items() if path in have and have[path] != shape]
+  problems += [f'{path}: not in {what} (the config has {shape})'
+               for path, shape in want.items() if path not in have]
+  problems += [f'{path}: in {what} {have[path]} but not in the config'
+               for path in have if path not in want]
   if problems:
-    raise ValueError(f'the parameters of {source} do not fit the model '
-                     f'({len(problems)} problems):\n' + '\n'.join(problems))
+    more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
+    raise ValueError(f'the arrays of {what} do not match the config\'s shapes ({len(problems)} '
+                     f'arrays): ' +
+                     '; '.join(problems[:5]) + more)
 
 
 def place(named: Mapping[str, Any], abstract: Any, source: str) -> Any:
   """Named arrays (numpy, identical on every process) -> the tree of `abstract`, each array
   cast to its dtype and laid out in its sharding. `source` names them in errors."""
-  check_fits(named, abstract, source)
+  check_shapes(abstract, named, source)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
 
   def one(path, target):

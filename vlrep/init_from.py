@@ -10,7 +10,7 @@ Only parameters are taken: the step, the optimizer state and the data stream sta
 The train loop applies it only to a run with no checkpoint of its own, so a resumed run
 continues from its own checkpoint. The weights must fit the run's model exactly (same
 architecture and sizes); otherwise one error names every missing, unexpected or misshapen
-array with both shapes (`export.check_fits`).
+array with both shapes (`export.check_shapes`).
 """
 
 from __future__ import annotations

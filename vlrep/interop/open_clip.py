@@ -240,6 +240,7 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
   import jax
   import jax.numpy as jnp
   import flax.linen as nn
+  from vlrep import export
   from vlrep.models.coca import build_model
 
   model = build_model(config)
@@ -248,16 +249,7 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
   tokens = jax.ShapeDtypeStruct((1, config.data.max_text_len), jnp.int32)
   expected = jax.eval_shape(lambda i, t: nn.unbox(model.init(jax.random.key(0), i, t))['params'],
                             images, tokens)
-  got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  flat = lambda tree: {jax.tree_util.keystr(k): v
-                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  flat_expected, flat_got = flat(expected), flat(got)
-  problems = [f'{k}: missing' for k in flat_expected if k not in flat_got]
-  problems += [f'{k}: unexpected' for k in flat_got if k not in flat_expected]
-  problems += [f'{k}: shape {flat_got[k].shape} != {v.shape}' for k, v in flat_expected.items()
-               if k in flat_got and flat_got[k].shape != v.shape]
-  if problems:
-    raise ValueError('converted parameters do not fit the vlrep model: ' + '; '.join(problems[:8]))
+  export.check_shapes(expected, params, 'the converted open_clip weights')
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
