@@ -37,6 +37,9 @@ setup(
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
         # CUDA build; tests/interop/open_clip_shim.py explains the torchvision stub).
-        'test': ['pytest>=8.0', 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
+        # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
+        # the captioning metrics are checked against it live, not only against stored values.
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
+                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
     },
 )

@@ -5,9 +5,12 @@ imported), so sharded code paths run in the ordinary suite; tests that need one 
 build their mesh from `jax.devices()[:1]`. Subprocesses started by tests inherit the flags.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 DEVICE_COUNT = 8
 if 'jax' not in sys.modules:
@@ -17,6 +20,12 @@ if 'jax' not in sys.modules:
                              f' --xla_force_host_platform_device_count={DEVICE_COUNT}'
                              ' --xla_backend_optimization_level=0').strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # Many tests compile the same small programs again (each training run, every `python -m
+  # vlrep.train` subprocess): one on-disk cache for the session, shared through the
+  # environment with subprocesses and pytest-xdist workers, compiles each of them once.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='vlrep-tests-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 import ml_collections
 import pytest
