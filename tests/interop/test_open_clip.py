@@ -16,34 +16,11 @@ import open_clip_shim  # before open_clip: see the module
 torch, open_clip = open_clip_shim.require()
 
 import vlrep  # noqa: E402
-from vlrep import pretrained as pretrained_module  # noqa: E402
-from vlrep.data import tokenizer as tokenizer_module  # noqa: E402
 from vlrep.interop.open_clip import convert_state_dict, read_state_dict  # noqa: E402
 
 CONTEXT = 16
 VOCAB = 49408  # CLIP's BPE ids, so open_clip's tokenizer output is valid input
 TEXTS = ['a photo of a cat', 'two dogs playing in the snow near a red house', '']
-
-
-def _clip_bpe_available() -> bool:
-  try:
-    tokenizer_module.get_tokenizer('clip_bpe')
-    return True
-  except Exception:
-    return False
-
-
-class _OpenClipTokenizer:
-  """open_clip's tokenizer behind vlrep's Tokenizer protocol, for branches where vlrep's own
-  'clip_bpe' tokenizer is not merged yet (the tokenizer parity is then not tested here)."""
-
-  vocab_size = VOCAB
-
-  def encode(self, texts, max_len):
-    return open_clip.tokenize(list(texts), context_length=max_len).numpy().astype(np.int32)
-
-  def decode(self, tokens):
-    return open_clip.decode(torch.as_tensor(tokens))
 
 
 def _vision(width, head_width, layers=1, **kw):
@@ -124,9 +101,7 @@ def _build(model_cfg, coca):
   return model.eval()
 
 
-def _load(tmp_path, model, model_cfg, monkeypatch):
-  if not _clip_bpe_available():
-    monkeypatch.setattr(pretrained_module, 'get_tokenizer', lambda spec: _OpenClipTokenizer())
+def _load(tmp_path, model, model_cfg):
   path = str(tmp_path / 'open_clip.pt')
   torch.save(model.state_dict(), path)
   loaded = vlrep.load_open_clip(path, model_cfg)
@@ -148,10 +123,10 @@ def _close(ours, theirs, what):
 
 
 @pytest.mark.parametrize('name', sorted(CLIP_CASES))
-def test_clip_parity(name, tmp_path, monkeypatch):
+def test_clip_parity(name, tmp_path):
   model_cfg = CLIP_CASES[name]
   model = _build(model_cfg, coca=False)
-  loaded = _load(tmp_path, model, model_cfg, monkeypatch)
+  loaded = _load(tmp_path, model, model_cfg)
   images, tokens = _inputs()
   with torch.no_grad():
     image_ref = model.encode_image(torch.from_numpy(images), normalize=True).reshape(3, -1)
@@ -163,10 +138,10 @@ def test_clip_parity(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('name', sorted(COCA_CASES))
-def test_coca_parity(name, tmp_path, monkeypatch):
+def test_coca_parity(name, tmp_path):
   model_cfg = COCA_CASES[name]
   model = _build(model_cfg, coca=True)
-  loaded = _load(tmp_path, model, model_cfg, monkeypatch)
+  loaded = _load(tmp_path, model, model_cfg)
   images, tokens = _inputs()
   with torch.no_grad():
     torch_images = torch.from_numpy(images)
