@@ -31,52 +31,14 @@ import os
 import statistics
 import sys
 import time
-import types
 
 
 def _import_open_clip():
-  """open_clip, importable without torchvision.
-
-  open_clip imports torchvision at module level for its image transforms and one frozen
-  BatchNorm, neither of which a model built from random tensors uses; a torchvision wheel
-  that does not match the installed torch fails on import ('operator torchvision::nms does
-  not exist'). If the real import fails, stand-ins for those modules are registered first.
-  """
-  try:
-    import open_clip
-    return open_clip
-  except (ImportError, RuntimeError):
-    for name in [m for m in sys.modules if m == 'open_clip' or m.startswith(('open_clip.',
-                                                                             'torchvision'))]:
-      del sys.modules[name]
-
-  class AnyAttribute(type):
-    def __getattr__(cls, name):
-      return cls
-
-  class Anything(metaclass=AnyAttribute):
-    """Any attribute (of the class or an instance), call or subclass of it does nothing."""
-    def __init__(self, *args, **kwargs):
-      pass
-
-    def __getattr__(self, name):
-      return Anything()
-
-    def __call__(self, *args, **kwargs):
-      return Anything()
-
-  class StubModule(types.ModuleType):
-    def __getattr__(self, name):
-      if name.startswith('__'):
-        raise AttributeError(name)
-      return Anything
-
-  for name in ('torchvision', 'torchvision.transforms', 'torchvision.transforms.functional',
-               'torchvision.ops', 'torchvision.ops.misc'):
-    sys.modules[name] = StubModule(name)
-    parent, _, child = name.rpartition('.')
-    if parent:
-      setattr(sys.modules[parent], child, sys.modules[name])
+  """open_clip, importable beside CPU torch although it imports torchvision at module level
+  (tests/interop/open_clip_shim.py stubs the names it needs when torchvision cannot load)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
+                                  'interop'))
+  import open_clip_shim  # noqa: F401  (before open_clip)
   import open_clip
   return open_clip
 
