@@ -65,4 +65,4 @@ def test_unfinished_save_is_ignored_and_mismatched_config_names_the_array(config
     resumed.restore(2, state.replace(opt_state=wider.opt_state), shardings, data)
   resumed.close()
   with pytest.raises(ValueError, match=expected.format(kernel)):
-    checkpoint.restore_params(workdir, build_model(config), config)
+    checkpoint.restore_params(workdir, config)

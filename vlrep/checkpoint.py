@@ -16,13 +16,11 @@ import logging as std_logging
 import os
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from vlrep import export, sharding, step as step_lib
-from vlrep.models.coca import CoCa
 
 # Orbax splits each replicated array among its replicas ("replica-parallel" writes) by slicing
 # it on device: one small XLA compile per distinct shape and device, ~6 s on the first save
@@ -117,19 +115,18 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params(workdir: str, model: CoCa, config: ml_collections.ConfigDict,
-                   step: int | None = None) -> Any:
-  """Parameters of `step` (default: latest) sharded over this process's devices."""
+def restore_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> Any:
+  """Parameters of `step` (default: latest), restored straight into their shardings on `mesh`
+  (default: this process's devices on the batch axes), whatever mesh wrote them."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_item_handlers())
   try:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in '
                               f'{checkpoint_dir(workdir)} (have: {manager.all_steps()})')
-    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
-    boxed = jax.eval_shape(lambda: step_lib.init_params(model, config, jax.random.key(0)))
-    shardings = sharding.logical_shardings(boxed, mesh)
-    abstract = _abstract_arrays(nn.unbox(boxed), shardings)
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
+    abstract = export.abstract_params(config, mesh)
     _check_items(manager, step, {'params': abstract})
     return manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract))).params

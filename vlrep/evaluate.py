@@ -25,7 +25,6 @@ from ml_collections import config_flags
 from vlrep import checkpoint, distributed
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
 from vlrep.pretrained import Pretrained
 
 # Fields that may be overridden: everything else would describe another model than the
@@ -61,7 +60,7 @@ def evaluate(workdir: str, step: int | None = None,
   process 0 writes them to `workdir/results.json`."""
   config = run_config(workdir) if config is None else config
   evaluator = Evaluator(config)  # validates the entries before the restore
-  params = checkpoint.restore_params(workdir, build_model(config), config, step)
+  params = checkpoint.restore_params(workdir, config, step)
   model = Pretrained(config, params, batch_size=config.get('eval_batch_size', 256))
   results = evaluator(model)
   if jax.process_index() == 0:

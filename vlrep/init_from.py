@@ -42,11 +42,10 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
 
 def _run_arrays(path: str) -> dict[str, Any]:
   from vlrep import checkpoint  # pylint: disable=g-import-not-at-top
-  from vlrep.models.coca import build_model  # pylint: disable=g-import-not-at-top
   config = export.read_config(path)
   # Restored in the shapes of the run that wrote them, so that a mismatch with this run's
   # model is reported by name rather than as an Orbax restore error.
-  return export.host_arrays(checkpoint.restore_params(path, build_model(config), config))
+  return export.host_arrays(checkpoint.restore_params(path, config))
 
 
 def named_arrays(spec: str) -> dict[str, Any]:

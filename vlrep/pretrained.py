@@ -246,6 +246,5 @@ def load(path: str, step: int | None = None, *,
     params = export.place(export.read_arrays(path), abstract, path)
   else:
     from vlrep import checkpoint  # orbax is only needed here, not for Pretrained itself
-    params = checkpoint.restore_params(path, build_model(config), config, step)
-    params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+    params = checkpoint.restore_params(path, config, step, mesh)
   return Pretrained(config, params, mesh=mesh)

@@ -238,17 +238,13 @@ def convert_state_dict(state_dict: Mapping[str, Any],
 def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
   """The converted tree must be exactly the tree `build_model(config)` initialises."""
   import jax
-  import jax.numpy as jnp
   import flax.linen as nn
-  from vlrep import export
+  from vlrep import export, step
   from vlrep.models.coca import build_model
 
   model = build_model(config)
-  size = config.data.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((1, config.data.max_text_len), jnp.int32)
-  expected = jax.eval_shape(lambda i, t: nn.unbox(model.init(jax.random.key(0), i, t))['params'],
-                            images, tokens)
+  expected = jax.eval_shape(
+      lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))
   export.check_shapes(expected, params, 'the converted open_clip weights')
 
 

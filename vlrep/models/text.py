@@ -182,4 +182,4 @@ class TextDecoder(nn.Module):
     if not self.embed_cls:  # as `encode` hands token features to the multimodal half
       x = self.ln_cls(x)
     x = self.multimodal(x, context=image_tokens)
-    return self.output_head(self.ln_final(x))[:, 0]
+    return self.logits(self.ln_final(x))[:, 0]
