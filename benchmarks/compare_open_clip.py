@@ -80,6 +80,9 @@ def main() -> None:
   parser.add_argument('--variant', default='small')
   parser.add_argument('--batch', type=int, default=0, help="0: the config's batch_size")
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--precision', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype of both: bfloat16 = vlrep model.dtype=bfloat16 and '
+                      'open_clip under torch.autocast (both keep float32 weights)')
   args = parser.parse_args()
   open_clip = _import_open_clip()
   import torch
@@ -89,6 +92,7 @@ def main() -> None:
   config = load_config(args.variant)
   if args.batch:
     config.batch_size = args.batch
+  config.model.dtype = args.precision
   batch_np = bench.synthetic_batch(config)
 
   threads = os.cpu_count()
@@ -110,12 +114,13 @@ def main() -> None:
   def torch_step() -> float:
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    out = model(images, tokens)
-    # open_clip's (marked work-in-progress) cascade pooler leaves the query axis: [B, 1, E].
-    image_features = out['image_features'].reshape(len(tokens), -1)
-    losses = loss_fn(image_features, out['text_features'], out['logits'],
-                     out['labels'], out['logit_scale'])
-    loss = sum(losses)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bfloat16'):
+      out = model(images, tokens)
+      # open_clip's (marked work-in-progress) cascade pooler leaves the query axis: [B, 1, E].
+      image_features = out['image_features'].reshape(len(tokens), -1)
+      losses = loss_fn(image_features, out['text_features'], out['logits'],
+                       out['labels'], out['logit_scale'])
+      loss = sum(losses)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
     optimizer.step()
@@ -140,7 +145,7 @@ def main() -> None:
                 2 * 2 * (config.data.max_text_len - 1) * text.width * text.mlp_dim)
   model_flops = {'open_clip': ours + extra_mlps, 'vlrep': ours}
   results = {}
-  print(f'coca.py:{args.variant}, batch {config.batch_size}, {args.rounds} interleaved rounds '
+  print(f'coca.py:{args.variant}, batch {config.batch_size}, {args.precision}, {args.rounds} interleaved rounds '
         f'(median step; spread = max/min - 1)')
   print(f'{"framework":>10s} {"step s":>8s} {"spread":>7s} {"examples/s":>11s} {"GFLOP/step":>11s} '
         f'{"GFLOP/s":>8s}')
@@ -157,6 +162,7 @@ def main() -> None:
   per_flop = results['vlrep']['gflops_per_s'] / results['open_clip']['gflops_per_s']
   print(f'vlrep / open_clip: {speedup:.2f}x examples/s, {per_flop:.2f}x FLOP/s')
   print(json.dumps({'variant': args.variant, 'batch_size': config.batch_size,
+                    'precision': args.precision,
                     'rounds': args.rounds, 'threads': threads, **results,
                     'examples_per_s_ratio': round(speedup, 3),
                     'flops_per_s_ratio': round(per_flop, 3)}))

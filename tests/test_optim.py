@@ -64,6 +64,25 @@ def test_optimizers_decay_only_masked_params(config, name):
   np.testing.assert_allclose(new['bias'], 1.0)  # not decayed
 
 
+def test_adafactor_factors_attention_kernels_from_factor_min_dim(config):
+  # [width, heads, head_dim]: its two largest dimensions are 256 and 64, so the second
+  # moments are factored only when factor_min_dim <= 64 (the momentum stays full size).
+  params = {'attention': jnp.ones((256, 4, 64)), 'mlp': jnp.ones((256, 1024))}
+  config.optim.name = 'adafactor'
+  second_moment_sizes = {}
+  for factor_min_dim in (128, 64):
+    config.optim.factor_min_dim = factor_min_dim
+    tx, _ = optim.make_optimizer(config.optim, total_steps=10)
+    state = jax.eval_shape(tx.init, params)
+    factored = next(s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, 'v_row'))
+                    if hasattr(s, 'v_row'))
+    second_moment_sizes[factor_min_dim] = {
+        name: sum(x.size for x in (factored.v_row[name], factored.v_col[name], factored.v[name]))
+        for name in params}
+  assert second_moment_sizes[128] == {'attention': 256 * 4 * 64 + 2, 'mlp': 256 + 1024 + 1}
+  assert second_moment_sizes[64] == {'attention': 256 * 4 + 4 * 64 + 1, 'mlp': 256 + 1024 + 1}
+
+
 def test_unknown_optimizer_is_named(config):
   config.optim.name = 'sgdd'
   with pytest.raises(ValueError, match='optim.name'):

@@ -52,6 +52,7 @@ def make_optimizer(optim: ml_collections.ConfigDict,
     # Factored second moments keep optimizer memory ~ parameters for the large models;
     # b2 is Adafactor's own 1 - t^-0.8 schedule rather than a constant.
     update = optax.adafactor(schedule, momentum=optim.b1, multiply_by_parameter_scale=False,
+                             min_dim_size_to_factor=optim.get('factor_min_dim', 128),
                              weight_decay_rate=optim.weight_decay,
                              weight_decay_mask=weight_decay_mask)
   else:

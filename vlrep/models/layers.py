@@ -97,6 +97,32 @@ class Mlp(nn.Module):
                     bias_init=logical(nn.initializers.zeros, 'embed'))(h)
 
 
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over [B, T, heads, d] queries and [B, S, heads, d] keys and
+  values; `mask` is boolean, broadcastable to [B, heads, T, S] (True = may attend).
+
+  On GPU this is `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies).
+  Elsewhere the products run heads-major ([B, heads, T, d]), with the same float32 logits
+  and fill value: XLA:CPU ran jax.nn.dot_product_attention's token-major products 2.7x
+  slower forward and 1.5x slower forward+backward at coca.py:small's vision shapes, and the
+  whole small train step 8% slower (`benchmarks/attention_speed.py`). On TPU the layout
+  is XLA's choice either way.
+  """
+  if jax.default_backend() == 'gpu':
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+  scale = query.shape[-1] ** -0.5
+  query, key, value = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
+  logits = jnp.einsum('bhtd,bhsd->bhts', query, key, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if mask is not None:
+    # jax.nn.dot_product_attention's fill: a fully masked row attends uniformly, never NaN.
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  out = jnp.einsum('bhts,bhsd->bhtd', probs, value)
+  return out.transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Multi-head dot-product attention of queries `x` [B, T, W] over `context` [B, S, W].
 
@@ -135,7 +161,7 @@ class Attention(nn.Module):
       value = checkpoint_name(project('value')(source), 'value')
       if self.decode:
         key, value, mask = self._append_to_cache(key, value)
-    out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+    out = dot_product_attention(query, key, value, mask)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
                           kernel_init=logical(default_kernel_init, 'heads', 'kv', 'embed'),
                           bias_init=logical(nn.initializers.zeros, 'embed'))(out)
