@@ -132,8 +132,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       # ring: pass them round the devices (local x local), for very large batches.
       'contrastive_impl': 'gather',
       # Positions per slice of the caption loss: the output head, log-softmax and target
-      # gather run a slice at a time (recomputed in the backward pass), so the float32
-      # [batch, length, vocab] logits never exist at once; 0 = all positions in one go.
+      # gather run a slice at a time, each slice taking its gradients at once (fused), so
+      # the float32 [batch, length, vocab] logits never exist; 0 = all positions in one go.
       'caption_chunk': 8})
 
   c.optim = ml_collections.ConfigDict()

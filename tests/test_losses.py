@@ -174,8 +174,7 @@ def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient():
     return losses.caption_loss(apply_head(head, features), jnp.asarray(tokens))
 
   def chunked(features, head, chunk):
-    return losses.chunked_caption_loss(features, jnp.asarray(tokens),
-                                       lambda x: apply_head(head, x), chunk)
+    return losses.chunked_caption_loss(features, jnp.asarray(tokens), apply_head, head, chunk)
 
   value_and_grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
   want, want_grads = value_and_grad(lambda f, h, _: plain(f, h))(features, head, 0)
@@ -186,5 +185,11 @@ def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient():
     assert float(got) == pytest.approx(float(want), rel=1e-5), chunk
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  # Without differentiation (the custom VJP's plain path), and a cotangent other than 1.
+  assert float(jax.jit(chunked, static_argnums=2)(features, head, 4)) == pytest.approx(
+      float(want), rel=1e-5)
+  scaled_grads = jax.grad(lambda f, h: 2.5 * chunked(f, h, 4), argnums=(0, 1))(features, head)
+  for g, w in zip(jax.tree.leaves(scaled_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, 2.5 * w, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match='caption_chunk'):
     chunked(features, head, 0)

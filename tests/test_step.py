@@ -69,3 +69,33 @@ def test_microbatches_keep_every_negative(config, contrastive_type, impl, mesh):
   assert ('train/logit_bias' in four_metrics) == (contrastive_type == 'sigmoid')
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                four.params, one.params)
+
+
+@pytest.mark.parametrize('mesh', [{'data': 1, 'fsdp': 1, 'tensor': 1},
+                                  {'data': 2, 'fsdp': 2, 'tensor': 2}])
+def test_chunked_caption_loss_gives_the_unchunked_losses_and_gradients(config, mesh):
+  """loss.caption_chunk (the fused head + cross-entropy) against 0 (full logits), through
+  the real forward: same losses and the same gradient for every parameter, the output
+  head's included, on one device and with batch, FSDP and vocabulary sharding."""
+  config.mesh.update(mesh)
+  devices = jax.devices()[:1] if mesh['data'] == 1 else None
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  model = build_model(config)
+  state, _ = _state(config, devices)
+  results = {}
+  for chunk in (0, 5):  # 5 does not divide the 23 target positions
+    config.loss.caption_chunk = chunk
+    loss_config = step.LossConfig.from_config(config.loss)
+
+    def loss(params, loss_config=loss_config):
+      total, metrics = step.compute_losses(model, params, batch, loss_config)
+      return total, metrics
+
+    results[chunk] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)
+  (total0, metrics0), grads0 = results[0]
+  (total5, metrics5), grads5 = results[5]
+  np.testing.assert_allclose(total5, total0, rtol=1e-5)
+  np.testing.assert_allclose(metrics5['caption_loss'], metrics0['caption_loss'], rtol=1e-5)
+  assert float(np.abs(grads0['text_decoder']['output_head']['kernel']).max()) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads5, grads0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -214,16 +214,18 @@ def caption_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def chunked_caption_loss(features: jax.Array, tokens: jax.Array,
-                         head: Callable[[jax.Array], jax.Array], chunk: int) -> jax.Array:
-  """`caption_loss(head(features), tokens)` without ever holding the [B, L-1, V] logits.
+                         head: Callable[[Any, jax.Array], jax.Array], head_params: Any,
+                         chunk: int) -> jax.Array:
+  """`caption_loss(head(head_params, features), tokens)` without the [B, L-1, V] logits.
 
-  features: [B, L-1, W], the caption features before the output head; head: features
-  [B, c, W] -> logits [B, c, V] (any dtype; the loss is taken in float32); chunk: positions
-  per slice. A scan applies the head, log-softmax and target gather to `chunk` positions at
-  a time, rematerialised so that the backward pass also holds one slice of logits at a time
-  (it recomputes the head's forward for each slice: the head's FLOPs go from 3 to 4
-  forwards, while the float32 [B, L-1, V] logits, their softmax and its gradient -- the
-  largest buffers of a step at a realistic vocabulary -- are never materialised).
+  features: [B, L-1, W], the caption features before the output head; head: (head_params,
+  features [B, c, W]) -> logits [B, c, V] (any dtype; the loss is taken in float32); chunk:
+  positions per slice. A scan applies the head, log-softmax and target gather to `chunk`
+  positions at a time. Under differentiation each slice also takes its gradients at once
+  (a fused linear cross-entropy: the loss's gradient is known as soon as its softmax is),
+  so the backward pass only scales the stored feature and head gradients: the float32
+  [B, L-1, V] logits, their softmax and gradient -- the largest buffers of a step at a
+  realistic vocabulary -- never exist, and the head runs no more FLOPs than unchunked.
   Positions stay whole for every example, so a batch-sharded input stays sharded.
   """
   if chunk < 1:
@@ -241,14 +243,45 @@ def chunked_caption_loss(features: jax.Array, tokens: jax.Array,
   targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=PAD_ID)
   features = features.reshape(batch, slices, chunk, -1).swapaxes(0, 1)
   targets = targets.reshape(batch, slices, chunk).swapaxes(0, 1)
+  return _sliced_xent_sum(head, features, head_params, targets) / count
 
-  @jax.checkpoint
-  def slice_sum(x: jax.Array, t: jax.Array) -> jax.Array:
-    xent = optax.softmax_cross_entropy_with_integer_labels(head(x).astype(jnp.float32), t)
-    return jnp.sum(jnp.where(t != PAD_ID, xent, 0.0))
 
+def _slice_xent_sum(head, params, x: jax.Array, targets: jax.Array) -> jax.Array:
+  xent = optax.softmax_cross_entropy_with_integer_labels(head(params, x).astype(jnp.float32),
+                                                         targets)
+  return jnp.sum(jnp.where(targets != PAD_ID, xent, 0.0))
+
+
+# A custom VJP because JAX's own would either keep every slice's logits for the backward
+# pass or (rematerialised) run the head's forward a second time.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sliced_xent_sum(head, features: jax.Array, params: Any, targets: jax.Array) -> jax.Array:
+  """Summed cross-entropy of slices features [S, B, c, W] with targets [S, B, c]."""
   def accumulate(total, xs):
-    return total + slice_sum(*xs), None
+    return total + _slice_xent_sum(head, params, *xs), None
 
   total, _ = jax.lax.scan(accumulate, jnp.zeros((), jnp.float32), (features, targets))
-  return total / count
+  return total
+
+
+def _sliced_xent_sum_forward(head, features, params, targets):
+  def accumulate(carry, xs):
+    total, params_grad = carry
+    x, t = xs
+    value, vjp = jax.vjp(lambda x, p: _slice_xent_sum(head, p, x, t), x, params)
+    x_grad, slice_params_grad = vjp(jnp.ones_like(value))
+    return (total + value, jax.tree.map(jnp.add, params_grad, slice_params_grad)), x_grad
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (total, params_grad), features_grad = jax.lax.scan(
+      accumulate, (jnp.zeros((), jnp.float32), zeros), (features, targets))
+  return total, (features_grad, params_grad)
+
+
+def _sliced_xent_sum_backward(head, residuals, grad):
+  features_grad, params_grad = residuals
+  scale = lambda g: (g * grad).astype(g.dtype)
+  return scale(features_grad), jax.tree.map(scale, params_grad), None
+
+
+_sliced_xent_sum.defvjp(_sliced_xent_sum_forward, _sliced_xent_sum_backward)

@@ -87,6 +87,15 @@ def _metrics(contrastive: jax.Array, caption: jax.Array, temperature: dict[str, 
           **temperature}
 
 
+def output_head(model: CoCa, params: Any) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+  """(head, head_params): the text decoder's output head as a function of its own
+  parameters, `head(head_params, features [..., W]) -> logits [..., V]`, so that the fused
+  caption loss differentiates only those (the rest of `params` never reaches its VJP)."""
+  module = model.bind({'params': params}).text_decoder.output_head.clone(parent=None)
+  return (lambda head_params, x: module.apply({'params': head_params}, x),
+          params['text_decoder']['output_head'])
+
+
 def _forward(model: CoCa, params: Any, batch: Batch,
              loss_config: LossConfig) -> tuple[dict[str, jax.Array], jax.Array]:
   """The model's outputs and its caption loss (0 without multimodal layers)."""
@@ -94,8 +103,9 @@ def _forward(model: CoCa, params: Any, batch: Batch,
   out = model.apply({'params': params}, batch['images'], batch['tokens'],
                     caption_features=chunk > 0)
   if 'caption_features' in out:
-    head = lambda x: model.apply({'params': params}, x, method=CoCa.caption_head)
-    caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head, chunk)
+    head, head_params = output_head(model, params)
+    caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head,
+                                          head_params, chunk)
   elif 'caption_logits' in out:
     caption = losses.caption_loss(out['caption_logits'], batch['tokens'])
   else:

@@ -14,7 +14,7 @@ from vlrep import decode
 from vlrep.data.tokenizer import EOS_ID
 from vlrep.models.coca import CoCa, build_model
 from vlrep.pretrained import Pretrained
-from vlrep.step import example_batch, init_params
+from vlrep.step import example_batch, init_params, output_head
 
 
 def test_forward_shapes_and_normalised_embeddings(config):
@@ -277,7 +277,7 @@ def test_layout_option_parameters_have_logical_axis_names(config):
 
 
 def test_caption_features_and_bfloat16_compute(config):
-  """`caption_features` + `caption_head` is `caption_logits`; `model.dtype=bfloat16` computes
+  """`caption_features` + the output head (`step.output_head`) is `caption_logits`; `model.dtype=bfloat16` computes
   the same outputs to bfloat16 precision from the same float32 parameters."""
   params = _init(config)
   batch = example_batch(config, batch_size=2)
@@ -291,7 +291,8 @@ def test_caption_features_and_bfloat16_compute(config):
       out = model.apply({'params': params}, images, batch['tokens'])
       features = model.apply({'params': params}, images, batch['tokens'],
                              caption_features=True)['caption_features']
-      return out, model.apply({'params': params}, features, method=CoCa.caption_head)
+      head, head_params = output_head(model, params)
+      return out, head(head_params, features)
     return jax.jit(apply)(params)
 
   out, head_logits = forward('float32')

@@ -127,8 +127,8 @@ class CoCa(nn.Module):
     """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`.
 
     With `caption_features=True` the output has `caption_features` [B, L-1, W] instead of
-    `caption_logits`: the features before the output head (`caption_head`), for a loss that
-    applies the head in chunks.
+    `caption_logits`: the features before the output head (`text_decoder.output_head`), for
+    a loss that applies the head in chunks (`losses.chunked_caption_loss`).
     """
     image_emb, caption_tokens = self.encode_image(images)
     text_emb, token_features = self.encode_text(tokens)
@@ -140,10 +140,6 @@ class CoCa(nn.Module):
       else:
         out['caption_logits'] = self.text_decoder.logits(features)
     return out
-
-  def caption_head(self, features: jax.Array) -> jax.Array:
-    """Caption features [..., W] -> next-token logits [..., V] (the decoder's output head)."""
-    return self.text_decoder.logits(features)
 
   def embed(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(image embeddings, text embeddings) only: what the contrastive loss reads."""

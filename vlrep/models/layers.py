@@ -102,12 +102,13 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """softmax(q k^T / sqrt(d)) v over [B, T, heads, d] queries and [B, S, heads, d] keys and
   values; `mask` is boolean, broadcastable to [B, heads, T, S] (True = may attend).
 
-  On GPU this is `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies).
-  Elsewhere the products run heads-major ([B, heads, T, d]), with the same float32 logits
-  and fill value: XLA:CPU ran jax.nn.dot_product_attention's token-major products 2.7x
-  slower forward and 1.5x slower forward+backward at coca.py:small's vision shapes, and the
-  whole small train step 8% slower (`benchmarks/attention_speed.py`). On TPU the layout
-  is XLA's choice either way.
+  On GPU this is `jax.nn.dot_product_attention`, as before this function existed (its XLA
+  path: JAX picks cuDNN's fused kernel only when asked by name, which has not been tried
+  for want of a GPU). Elsewhere the products run heads-major ([B, heads, T, d]), with the same float32 logits
+  and fill value: at coca.py:small's vision shapes, XLA:CPU ran jax.nn.dot_product_attention's
+  token-major products 1.2-2.2x slower forward and 1.15x slower forward+backward, and the
+  whole small train step 1.04x slower (two runs of `benchmarks/attention_speed.py`). On TPU
+  the layout is XLA's choice either way.
   """
   if jax.default_backend() == 'gpu':
     return jax.nn.dot_product_attention(query, key, value, mask=mask)

@@ -1,0 +1,37 @@
+"""The benchmark scripts that CI can afford: optimizer-state sizes and the op classifier."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_optimizer_memory_counts_adamw_as_two_moments_and_adafactor_below():
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'benchmarks')]))
+  out = subprocess.run([sys.executable, 'benchmarks/optimizer_memory.py', '--variants=tiny'],
+                       cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+  tiny = json.loads(out.strip().splitlines()[-1])['tiny']
+  assert tiny['param_bytes'] == 4 * tiny['parameters']  # float32 master weights
+  # Two float32 moments plus step counters.
+  assert 0 <= tiny['adamw_state_bytes'] - 2 * tiny['param_bytes'] <= 64
+  # Adafactor: a full first moment and (partly) factored second moments.
+  assert (tiny['param_bytes'] < tiny['adafactor_factor64_state_bytes']
+          <= tiny['adafactor_state_bytes'] < tiny['adamw_state_bytes'])
+
+
+def test_profile_step_classifies_ops():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  from profile_step import classify
+  backward_fc1 = ('%ynn_fusion.4 = f32[4096,256]{1,0} fusion(...), metadata={op_name='
+                  '"jit(train_step)/transpose(jvp(CoCa))/CoCa.encode_image/image_encoder/'
+                  'block_3/mlp/fc1/dot_general"}')
+  assert classify('ynn_fusion.4', 'f32[4096,256]{1,0}', backward_fc1) == (
+      'matmul', 'backward', 'image')
+  scores = 'metadata={op_name="jit(train_step)/jvp(CoCa)/CoCa.text_decoder/x"}'
+  assert classify('ynn_fusion.9', 'f32[16,4,32,32]{3,2,1,0}', scores) == (
+      'attention_bmm', 'forward', 'text')
+  assert classify('copy_bitcast_fusion.3', 'f32[8,8]{1,0}', '')[0] == 'copy/transpose'
+  assert classify('add_select_fusion', 'f32[8]{0}', '/while/body')[:3:2] == (
+      'elementwise', 'loss/head')
