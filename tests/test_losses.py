@@ -191,5 +191,12 @@ def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient():
   scaled_grads = jax.grad(lambda f, h: 2.5 * chunked(f, h, 4), argnums=(0, 1))(features, head)
   for g, w in zip(jax.tree.leaves(scaled_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, 2.5 * w, rtol=1e-4, atol=1e-6)
+  # bfloat16 head parameters (model.param_dtype): gradients come back in bfloat16, summed
+  # over the slices in float32 (so within bfloat16 rounding of the float32 ones).
+  bf16_head = jax.tree.map(lambda p: p.astype(jnp.bfloat16), head)
+  _, (_, bf16_grads) = chunked_grad(features, bf16_head, 1)
+  for g, w in zip(jax.tree.leaves(bf16_grads), jax.tree.leaves(want_grads[1])):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(g), w, rtol=0.05, atol=0.05 * np.abs(w).max())
   with pytest.raises(ValueError, match='caption_chunk'):
     chunked(features, head, 0)

@@ -270,11 +270,15 @@ def _sliced_xent_sum_forward(head, features, params, targets):
     x, t = xs
     value, vjp = jax.vjp(lambda x, p: _slice_xent_sum(head, p, x, t), x, params)
     x_grad, slice_params_grad = vjp(jnp.ones_like(value))
-    return (total + value, jax.tree.map(jnp.add, params_grad, slice_params_grad)), x_grad
+    params_grad = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), params_grad,
+                               slice_params_grad)
+    return (total + value, params_grad), x_grad
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Summed over slices in float32 whatever the parameters' dtype.
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   (total, params_grad), features_grad = jax.lax.scan(
       accumulate, (jnp.zeros((), jnp.float32), zeros), (features, targets))
+  params_grad = jax.tree.map(lambda g, p: g.astype(p.dtype), params_grad, params)
   return total, (features_grad, params_grad)
 
 
