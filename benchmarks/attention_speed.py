@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from compare_open_clip import load_config
+from config_spec import load_config
 from vlrep import bench
 from vlrep.models import layers
 
@@ -71,7 +71,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--rounds', type=int, default=3)
   args = parser.parse_args()
-  config = load_config(args.variant)
+  config = load_config(f'configs/coca.py:{args.variant}')
   config.batch_size = args.batch
   vision = config.model.vision
   tokens = (config.data.image_size // vision.patch_size) ** 2

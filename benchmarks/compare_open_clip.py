@@ -25,12 +25,13 @@ appended at the end of the caption, untied output head.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
+
+from config_spec import load_config
 
 
 def _import_open_clip():
@@ -41,13 +42,6 @@ def _import_open_clip():
   import open_clip_shim  # noqa: F401  (before open_clip)
   import open_clip
   return open_clip
-
-
-def load_config(variant: str):
-  module_spec = importlib.util.spec_from_file_location('configs_coca', 'configs/coca.py')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def open_clip_model(open_clip, config):
@@ -93,7 +87,7 @@ def main() -> None:
 
   from vlrep import bench, flops
 
-  config = load_config(args.variant)
+  config = load_config(f'configs/coca.py:{args.variant}')
   if args.batch:
     config.batch_size = args.batch
   config.model.dtype = args.precision

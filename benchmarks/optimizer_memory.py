@@ -18,7 +18,7 @@ import json
 import flax.linen as nn
 import jax
 
-from remat_memory import load_config
+from config_spec import load_config
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
 from vlrep.step import init_params

@@ -28,7 +28,7 @@ import tempfile
 import jax
 from jax.profiler import ProfileData
 
-from compare_open_clip import load_config
+from config_spec import load_config
 from vlrep import bench
 
 RUNS = 2
@@ -47,7 +47,7 @@ def _op_lines(hlo_text: str) -> dict[str, tuple[str, str]]:
 def classify(name: str, shape: str, line: str) -> tuple[str, str, str]:
   """(kind, pass, where) of one op, from its name, result shape and HLO text."""
   backward = 'backward' if 'transpose(jvp' in line else 'forward'
-  if 'caption_head' in line or '/while/' in line:
+  if 'output_head' in line or '/while/' in line:
     where = 'loss/head'
   elif 'encode_image' in line:
     where = 'image'
@@ -94,7 +94,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--top', type=int, default=15)
   args = parser.parse_args()
-  config = load_config(args.variant)
+  config = load_config(f'configs/coca.py:{args.variant}')
   config.batch_size = args.batch
   totals = profile(config)
   total = sum(totals.values())

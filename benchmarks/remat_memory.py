@@ -13,24 +13,15 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
 import flax.linen as nn
 import jax
 
+from config_spec import load_config
 from vlrep.models.coca import build_model
 from vlrep.step import LossConfig, compute_losses, example_batch, init_params
-
-
-def load_config(spec: str):
-  """`path/to/config.py:variant`, loaded by path as the `--config` flag does."""
-  path, _, variant = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
 
 
 def measure(config, batch_size: int) -> dict[str, float]:

@@ -19,23 +19,16 @@ text layers, no captioning pooler, multimodal layers or LM head), `coca_scan_rem
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 
+from config_spec import load_config
 from vlrep import bench, flops
-
-
-def load_config(name: str, variant: str):
-  module_spec = importlib.util.spec_from_file_location(f'configs_{name}', f'configs/{name}.py')
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def settings(variant: str) -> dict:
   def coca(**changes):
-    config = load_config('coca', variant)
+    config = load_config(f'configs/coca.py:{variant}')
     for key, value in changes.items():
       node = config
       *parents, leaf = key.split('.')
@@ -44,7 +37,7 @@ def settings(variant: str) -> dict:
       node[leaf] = value
     return config
   return {'coca': coca(), 'coca_unchunked': coca(**{'loss.caption_chunk': 0}),
-          'clip': load_config('clip', variant),
+          'clip': load_config(f'configs/clip.py:{variant}'),
           'coca_scan_remat': coca(**{'model.scan_layers': True, 'model.remat': 'minimal'}),
           'coca_bf16': coca(**{'model.dtype': 'bfloat16'})}
 

@@ -122,17 +122,24 @@ def _close(ours, theirs, what):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4, err_msg=what)
 
 
+def _check_embeddings(model, loaded, images, tokens):
+  """Normalised image and text embeddings of the converted model against open_clip's;
+  returns open_clip's text embeddings."""
+  with torch.no_grad():
+    image_ref = model.encode_image(torch.from_numpy(images), normalize=True).reshape(3, -1)
+    text_ref = model.encode_text(tokens, normalize=True)
+  _close(loaded.encode_image(images.transpose(0, 2, 3, 1)), image_ref, 'encode_image')
+  _close(loaded.encode_text(tokens.numpy()), text_ref, 'encode_text')
+  return text_ref
+
+
 @pytest.mark.parametrize('name', sorted(CLIP_CASES))
 def test_clip_parity(name, tmp_path):
   model_cfg = CLIP_CASES[name]
   model = _build(model_cfg, coca=False)
   loaded = _load(tmp_path, model, model_cfg)
   images, tokens = _inputs()
-  with torch.no_grad():
-    image_ref = model.encode_image(torch.from_numpy(images), normalize=True).reshape(3, -1)
-    text_ref = model.encode_text(tokens, normalize=True)
-  _close(loaded.encode_image(images.transpose(0, 2, 3, 1)), image_ref, 'encode_image')
-  _close(loaded.encode_text(tokens.numpy()), text_ref, 'encode_text')
+  text_ref = _check_embeddings(model, loaded, images, tokens)
   _close(loaded.encode_text(TEXTS), text_ref, 'encode_text(strings)')
   np.testing.assert_array_equal(loaded.tokenize(TEXTS), tokens.numpy())
 
@@ -143,16 +150,12 @@ def test_coca_parity(name, tmp_path):
   model = _build(model_cfg, coca=True)
   loaded = _load(tmp_path, model, model_cfg)
   images, tokens = _inputs()
+  _check_embeddings(model, loaded, images, tokens)
   with torch.no_grad():
     torch_images = torch.from_numpy(images)
-    image_ref = model.encode_image(torch_images, normalize=True).reshape(3, -1)
-    text_ref = model.encode_text(tokens, normalize=True)
     logits_all = model(torch_images, tokens, output_labels=False)['logits']
     logits_labels = model(torch_images, tokens)['logits']  # training form: drops the last
-  nhwc = images.transpose(0, 2, 3, 1)
-  _close(loaded.encode_image(nhwc), image_ref, 'encode_image')
-  _close(loaded.encode_text(tokens.numpy()), text_ref, 'encode_text')
-  logits = loaded.caption_logits(nhwc, tokens.numpy())
+  logits = loaded.caption_logits(images.transpose(0, 2, 3, 1), tokens.numpy())
   assert logits.shape == (3, CONTEXT, VOCAB)
   _close(logits, logits_all, 'caption_logits')
   _close(logits[:, :-1], logits_labels, 'caption_logits[:, :-1]')
