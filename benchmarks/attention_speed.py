@@ -1,12 +1,15 @@
-"""Attention on XLA:CPU: vlrep's heads-major products against jax.nn.dot_product_attention.
+"""Attention implementations: vlrep's against jax.nn.dot_product_attention (and cuDNN on GPU).
 
 Times the attention core alone (forward, and forward+backward) at the vision shapes of a
 config (batch x patches x heads x head width), and the config's whole train step with each
-implementation (`vlrep.models.layers.dot_product_attention` swapped for jax's), in
-interleaved rounds so that load from other processes hits both alike. Run from the
-repository root:
+implementation (`vlrep.models.layers.dot_product_attention` swapped for the others), in
+interleaved rounds so that load from other processes hits all alike. On GPU it adds
+`jax.nn.dot_product_attention(implementation='cudnn')` (cuDNN's fused kernel: bf16/fp16
+only, some shapes only); an implementation that fails is reported with its error, not
+timed. Run from the repository root:
 
   python benchmarks/attention_speed.py [--variant=small] [--batch=16] [--rounds=3]
+      [--dtype=bfloat16]   # compute dtype of the core and of the model (default: the config's)
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from vlrep.models import layers
 IMPLEMENTATIONS = {'vlrep': layers.dot_product_attention,
                    'jax.nn': lambda q, k, v, mask=None: jax.nn.dot_product_attention(
                        q, k, v, mask=mask)}
+if jax.default_backend() == 'gpu':
+  IMPLEMENTATIONS['cudnn'] = lambda q, k, v, mask=None: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation='cudnn')
 
 
 def _median_s(fn, *args, repeats: int = 7) -> float:
@@ -38,31 +44,45 @@ def _median_s(fn, *args, repeats: int = 7) -> float:
   return statistics.median(times)
 
 
-def core_times(batch: int, tokens: int, heads: int, head_dim: int) -> dict[str, dict[str, float]]:
-  q, k, v = (jax.random.normal(jax.random.key(i), (batch, tokens, heads, head_dim))
+def _error(e: Exception) -> str:
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+
+
+def core_times(batch: int, tokens: int, heads: int, head_dim: int,
+               dtype: str = 'float32') -> dict[str, dict[str, float | str]]:
+  q, k, v = (jax.random.normal(jax.random.key(i), (batch, tokens, heads, head_dim), dtype)
              for i in range(3))
   results = {}
   for name, attend in IMPLEMENTATIONS.items():
     forward = jax.jit(attend)
-    backward = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v) ** 2),
-                                argnums=(0, 1, 2)))
-    results[name] = {'forward_ms': round(_median_s(forward, q, k, v) * 1e3, 2),
-                     'forward_backward_ms': round(_median_s(backward, q, k, v) * 1e3, 2)}
+    backward = jax.jit(jax.grad(
+        lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2),
+        argnums=(0, 1, 2)))
+    try:
+      results[name] = {'forward_ms': round(_median_s(forward, q, k, v) * 1e3, 2),
+                       'forward_backward_ms': round(_median_s(backward, q, k, v) * 1e3, 2)}
+    except Exception as e:  # an implementation that does not take these shapes or dtypes
+      results[name] = {'error': _error(e)}
   return results
 
 
-def step_times(config, rounds: int) -> dict[str, float]:
-  steps = {}
+def step_times(config, rounds: int) -> dict[str, float | str]:
+  steps, failed = {}, {}
   for name, attend in IMPLEMENTATIONS.items():
     layers.dot_product_attention = attend  # read at trace time by layers.Attention
-    steps[name] = bench.compile_step(config)
-    steps[name].run(bench.WARMUP_STEPS)
+    try:
+      steps[name] = bench.compile_step(config)
+      steps[name].run(bench.WARMUP_STEPS)
+    except Exception as e:
+      steps.pop(name, None)
+      failed[name] = _error(e)
   layers.dot_product_attention = IMPLEMENTATIONS['vlrep']
   times = {name: [] for name in steps}
   for _ in range(rounds):
     for name, step in steps.items():
       times[name] += step.run(1)
-  return {name: round(statistics.median(values), 4) for name, values in times.items()}
+  return {**{name: round(statistics.median(values), 4) for name, values in times.items()},
+          **failed}
 
 
 def main() -> None:
@@ -70,19 +90,25 @@ def main() -> None:
   parser.add_argument('--variant', default='small')
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--dtype', default=None, help="default: the config's model.dtype")
   args = parser.parse_args()
   config = load_config(f'configs/coca.py:{args.variant}')
   config.batch_size = args.batch
+  if args.dtype:
+    config.model.dtype = args.dtype
   vision = config.model.vision
   tokens = (config.data.image_size // vision.patch_size) ** 2
-  core = core_times(args.batch, tokens, vision.heads, vision.width // vision.heads)
+  core = core_times(args.batch, tokens, vision.heads, vision.width // vision.heads,
+                    config.model.dtype)
   step = step_times(config, args.rounds)
   for name in IMPLEMENTATIONS:
-    print(f'{name:>7s}: core forward {core[name]["forward_ms"]:7.1f} ms, forward+backward '
-          f'{core[name]["forward_backward_ms"]:7.1f} ms; train step {step[name]:.3f} s')
+    print(f'{name:>7s}: core {core[name]}; train step {step[name]}')
+  ratios = {f'step_ratio_{name}_over_vlrep': round(step[name] / step['vlrep'], 3)
+            for name in IMPLEMENTATIONS if name != 'vlrep'
+            and isinstance(step.get(name), float) and isinstance(step.get('vlrep'), float)}
   print(json.dumps({'variant': args.variant, 'batch_size': args.batch, 'tokens': tokens,
-                    'core': core, 'step_s': step,
-                    'step_ratio_jax_over_vlrep': round(step['jax.nn'] / step['vlrep'], 3)}))
+                    'dtype': config.model.dtype, 'device_kind': jax.devices()[0].device_kind,
+                    'core': core, 'step_s': step, **ratios}))
 
 
 if __name__ == '__main__':

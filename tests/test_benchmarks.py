@@ -1,4 +1,5 @@
-"""The benchmark scripts that CI can afford: optimizer-state sizes and the op classifier."""
+"""The benchmark scripts that CI can afford: optimizer-state sizes, the op classifier and the
+attention timer's handling of an implementation that fails."""
 
 import json
 import os
@@ -35,3 +36,17 @@ def test_profile_step_classifies_ops():
   assert classify('copy_bitcast_fusion.3', 'f32[8,8]{1,0}', '')[0] == 'copy/transpose'
   assert classify('add_select_fusion', 'f32[8]{0}', '/while/body')[:3:2] == (
       'elementwise', 'loss/head')
+
+
+def test_attention_speed_reports_a_failing_implementation_and_times_the_rest(monkeypatch):
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import attention_speed
+
+  def unsupported(q, k, v, mask=None):
+    raise NotImplementedError('no kernel for these shapes')
+
+  monkeypatch.setitem(attention_speed.IMPLEMENTATIONS, 'unsupported', unsupported)
+  core = attention_speed.core_times(batch=2, tokens=8, heads=2, head_dim=4)
+  assert core['unsupported'] == {'error': 'NotImplementedError: no kernel for these shapes'}
+  for name in ('vlrep', 'jax.nn'):
+    assert core[name]['forward_ms'] > 0 and core[name]['forward_backward_ms'] > 0
