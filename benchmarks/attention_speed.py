@@ -103,9 +103,9 @@ def main() -> None:
   step = step_times(config, args.rounds)
   for name in IMPLEMENTATIONS:
     print(f'{name:>7s}: core {core[name]}; train step {step[name]}')
-  ratios = {f'step_ratio_{name}_over_vlrep': round(step[name] / step['vlrep'], 3)
-            for name in IMPLEMENTATIONS if name != 'vlrep'
-            and isinstance(step.get(name), float) and isinstance(step.get('vlrep'), float)}
+  timed = {name: s for name, s in step.items() if isinstance(s, float)}  # the rest: errors
+  ratios = {f'step_ratio_{name}_over_vlrep': round(s / timed['vlrep'], 3)
+            for name, s in timed.items() if name != 'vlrep' and 'vlrep' in timed}
   print(json.dumps({'variant': args.variant, 'batch_size': args.batch, 'tokens': tokens,
                     'dtype': config.model.dtype, 'device_kind': jax.devices()[0].device_kind,
                     'core': core, 'step_s': step, **ratios}))

@@ -8,6 +8,8 @@ import sys
 
 from conftest import REPO
 
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))  # the scripts import their neighbours
+
 
 def test_optimizer_memory_counts_adamw_as_two_moments_and_adafactor_below():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'benchmarks')]))
@@ -23,7 +25,6 @@ def test_optimizer_memory_counts_adamw_as_two_moments_and_adafactor_below():
 
 
 def test_profile_step_classifies_ops():
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   from profile_step import classify
   backward_fc1 = ('%ynn_fusion.4 = f32[4096,256]{1,0} fusion(...), metadata={op_name='
                   '"jit(train_step)/transpose(jvp(CoCa))/CoCa.encode_image/image_encoder/'
@@ -39,7 +40,6 @@ def test_profile_step_classifies_ops():
 
 
 def test_attention_speed_reports_a_failing_implementation_and_times_the_rest(monkeypatch):
-  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   import attention_speed
 
   def unsupported(q, k, v, mask=None):
