@@ -112,16 +112,18 @@ def write_clip_tokenizer(path: str, pad_token: str = _CLIP_SPECIAL[1], max_len: 
                'pad_token': pad_token, 'model_max_length': max_len}, f, indent=2)
 
 
+def _check_tokenizer(config: ml_collections.ConfigDict) -> None:
+  if config.data.tokenizer.partition(':')[0] not in ('hf', 'clip_bpe'):
+    raise NotImplementedError(f'data.tokenizer={config.data.tokenizer!r} has no transformers '
+                              'tokenizer to export (clip_bpe and hf:DIR tokenizers do)')
+
+
 def _write_tokenizer(config: ml_collections.ConfigDict, path: str) -> None:
-  spec = config.data.tokenizer
-  name, _, source = spec.partition(':')
+  name, _, source = config.data.tokenizer.partition(':')
   if name == 'hf':
     hf.copy_tokenizer(os.path.expanduser(source), path)
-  elif name == 'clip_bpe':
-    write_clip_tokenizer(path, max_len=config.data.max_text_len, merges_file=source)
   else:
-    raise NotImplementedError(f'data.tokenizer={spec!r} has no transformers tokenizer to '
-                              'export (clip_bpe and hf:DIR tokenizers do)')
+    write_clip_tokenizer(path, max_len=config.data.max_text_len, merges_file=source)
 
 
 def export_hf(config: ml_collections.ConfigDict, params: Any, path: str) -> str:
@@ -133,11 +135,15 @@ def export_hf(config: ml_collections.ConfigDict, params: Any, path: str) -> str:
   if config.model.text.multimodal_layers:
     raise NotImplementedError(f'model.text.multimodal_layers={config.model.text.multimodal_layers}'
                               ': CLIPModel and SiglipModel have no captioning decoder')
+  _check_tokenizer(config)
   tokenizer = get_tokenizer(config.data.tokenizer)
   hf_cfg = hf_config(config, tokenizer)
   siglip = hf_cfg['model_type'] == 'siglip'
   preprocessor = _preprocessor(config, siglip)
-  differences = layout_differences(config, hf_cfg, preprocessor)
+  try:
+    differences = layout_differences(config, hf_cfg, preprocessor)
+  except NotImplementedError as e:  # the transformers config itself is out of bounds
+    differences = [str(e)]
   if differences:
     raise NotImplementedError(f'this model\'s layout has no transformers '
                               f'{hf_cfg["architectures"][0]} equivalent: ' + '; '.join(differences))
