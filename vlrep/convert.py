@@ -47,7 +47,9 @@ def read_model_cfg(spec: str) -> dict:
       raise FileNotFoundError(f'--model_cfg={spec!r} is neither a JSON file nor the name of a '
                               'config in the installed open_clip package')
   with open(path) as f:
-    return json.load(f)
+    cfg = json.load(f)
+  # open_clip_config.json (hub checkpoints, `--to=open_clip`) nests it under 'model_cfg'.
+  return cfg.get('model_cfg', cfg)
 
 
 def convert(state_dict: str, model_cfg: str, output: str):

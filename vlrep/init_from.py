@@ -38,6 +38,7 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
       raise FileNotFoundError(f'init_from={spec!r}: {path!r} not found')
   with open(model_cfg) as f:
     cfg = json.load(f)
+  cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json nests it
   # Imported here: the conversion needs open_clip's layout, not every run does.
   from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
   return export.host_arrays(open_clip.load_open_clip(state_dict, cfg).params)
