@@ -26,6 +26,9 @@ from vlrep.interop import open_clip as oc_import, to_open_clip  # noqa: E402
 # is refused (test_refusals_name_the_fields).
 ROUND_TRIP = [(n, False) for n in sorted(CLIP_CASES) if n != 'parallel_pool_bidirectional']
 ROUND_TRIP += [(n, True) for n in sorted(COCA_CASES)]
+# Compared with open_clip's outputs after the round trip (the CLIP direction is also
+# test_transformers_clip_to_open_clip_cli's).
+PARITY = ('coca_legacy_pool',)
 
 
 @pytest.mark.parametrize('name,coca', ROUND_TRIP)
@@ -46,7 +49,9 @@ def test_open_clip_round_trip_is_exact(tmp_path, name, coca):
   again, _ = oc_import.convert_state_dict(written, saved['model_cfg'])
   assert again.to_dict() == loaded.config.to_dict()
 
-  reloaded = open_clip.create_model(f'local-dir:{out}').eval()
+  reloaded = open_clip.create_model(f'local-dir:{out}').eval()  # open_clip takes it as is
+  if name not in PARITY:  # the weights are bit for bit those test_open_clip checks
+    return
   images, tokens = _inputs()
   _check_embeddings(reloaded, loaded, images, tokens)
   if coca:
