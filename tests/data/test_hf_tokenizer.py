@@ -44,14 +44,12 @@ def siglip_dir(tmp_path_factory):
   return str(tmp / 'dir')
 
 
-@pytest.fixture(scope='module')
-def gemma_dir(tmp_path_factory):
-  """A tokenizer.json as SigLIP 2's Gemma tokenizer is: SentencePiece pieces, BOS first,
-  padded on the left."""
+def gemma_tokenizer(tmp):
+  """A tokenizer.json tokenizer as SigLIP 2's Gemma one is: SentencePiece pieces (a unigram
+  model here), BOS first, padded on the left."""
   import sentencepiece as spm
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-  tmp = tmp_path_factory.mktemp('gemma_tok')
   sp = spm.SentencePieceProcessor(model_file=sentencepiece_model(
       tmp / 'sp.model', pad_id=0, eos_id=1, bos_id=2, unk_id=3))
   pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
@@ -61,10 +59,15 @@ def gemma_dir(tmp_path_factory):
   backend.decoder = decoders.Replace('\u2581', ' ')
   backend.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 2)])
   backend.add_special_tokens(['<pad>', '</s>', '<s>', '<unk>'])
-  tok = transformers.PreTrainedTokenizerFast(
+  return transformers.PreTrainedTokenizerFast(
       tokenizer_object=backend, bos_token='<s>', eos_token='</s>', pad_token='<pad>',
       unk_token='<unk>', padding_side='left')
-  tok.save_pretrained(tmp / 'dir')
+
+
+@pytest.fixture(scope='module')
+def gemma_dir(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('gemma_tok')
+  gemma_tokenizer(tmp).save_pretrained(tmp / 'dir')
   return str(tmp / 'dir')
 
 

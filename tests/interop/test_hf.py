@@ -3,6 +3,7 @@ saved with save_pretrained, imported (CLI, `vlrep.load_hf`, `init_from=hf:`), ch
 against transformers' own embeddings (1e-4, float32), fine-tuned with the sigmoid loss and
 evaluated, and exported back (`--to=hf`) to directories `from_pretrained` loads."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,8 +48,19 @@ def _siglip_tokenizer(path):
   return transformers.SiglipTokenizer(vocab_file=model)
 
 
+def _gemma_tokenizer(path):
+  """tests/data/test_hf_tokenizer.py's SigLIP 2-style (Gemma) tokenizer.json tokenizer."""
+  spec = importlib.util.spec_from_file_location(
+      'hf_tokenizer_tests', os.path.join(REPO, 'tests', 'data', 'test_hf_tokenizer.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.gemma_tokenizer(path)
+
+
 def make_hf_model(path, kind, **vision):
-  """A random CLIPModel (CLIP's BPE) or SiglipModel (a small SentencePiece) at `path`."""
+  """A random CLIPModel (CLIP's BPE) or SiglipModel (a small SentencePiece; 'siglip2': a
+  SiglipModel with a Gemma-style tokenizer.json, as SigLIP 2's fixed-resolution ones are)
+  at `path`."""
   torch.manual_seed(0)
   if kind == 'clip':
     to_hf.write_clip_tokenizer(str(path), max_len=TEXT['max_position_embeddings'])
@@ -57,7 +69,8 @@ def make_hf_model(path, kind, **vision):
                                      vision_config={**VISION, **vision}, projection_dim=24)
     model = transformers.CLIPModel(config)
   else:
-    tokenizer = _siglip_tokenizer(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _siglip_tokenizer(path) if kind == 'siglip' else _gemma_tokenizer(path)
     config = transformers.SiglipConfig(text_config=dict(TEXT, vocab_size=tokenizer.vocab_size),
                                        vision_config={**VISION, **vision})
     model = transformers.SiglipModel(config)
@@ -97,23 +110,23 @@ def _run_convert(*flags):
   return result
 
 
-@pytest.mark.parametrize('kind', ['clip', 'siglip'])
+@pytest.mark.parametrize('kind', ['clip', 'siglip', 'siglip2'])
 def test_load_hf_embeds_as_transformers(tmp_path, kind):
   model, tokenizer = make_hf_model(tmp_path, kind)
   loaded = vlrep.load_hf(str(tmp_path))
   _check_parity(loaded, model, tokenizer)
   # uint8 images are standardised with the checkpoint's own mean and std (SigLIP: 0.5).
   pixels = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-  mean, std = hf.IMAGE_STATS[kind]
+  mean, std = hf.IMAGE_STATS['clip' if kind == 'clip' else 'siglip']
   standard = ((pixels / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
   np.testing.assert_allclose(loaded.encode_image(pixels), loaded.encode_image(standard),
                              atol=1e-5)
-  assert loaded.config.loss.contrastive_type == ('sigmoid' if kind == 'siglip' else 'softmax')
+  assert loaded.config.loss.contrastive_type == ('softmax' if kind == 'clip' else 'sigmoid')
 
   # Exported back: transformers loads it, with the same weights and embeddings.
   out = tmp_path / 'back'
   to_hf.export_hf(loaded.config, loaded.params, str(out))
-  cls = transformers.SiglipModel if kind == 'siglip' else transformers.CLIPModel
+  cls = transformers.CLIPModel if kind == 'clip' else transformers.SiglipModel
   again = cls.from_pretrained(str(out)).eval()
   want = model.state_dict()
   for name, value in again.state_dict().items():
