@@ -219,7 +219,7 @@ def convert_dir(path: str, tokenizer_dir: str | None = None
     raise FileNotFoundError(f'{path!r} has no tokenizer.json nor spiece.model')
   table = hf_params.entries(config, siglip=kind_of(hf_config) == 'siglip')
   params = hf_params.to_vlrep(read_weights(path), table)
-  _check_shapes(config, params)
+  _check_shapes(config, params, 'the converted transformers weights')
   return config, params
 
 
