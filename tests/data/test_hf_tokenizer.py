@@ -2,6 +2,7 @@
 random-unicode corpus, for SigLIP's SentencePiece tokenizer (spiece.model, no tokenizer.json),
 a Gemma tokenizer.json (SigLIP 2's) and CLIP's tokenizer.json; vocab files built here."""
 
+import pickle
 import random
 
 import numpy as np
@@ -100,6 +101,8 @@ def test_siglip_sentencepiece_ids_equal_transformers(siglip_dir):
   tokens = ours.encode(corpus(), 8)
   assert (tokens == theirs.unk_token_id).any() and (tokens[:, -1] == 1).sum() > 50
   assert ours.decode(ours.encode(['two red cats'], 16)[0]) == 'two red cats'
+  again = pickle.loads(pickle.dumps(ours))  # as grain hands it to worker processes
+  np.testing.assert_array_equal(again.encode(corpus()[:20], 8), tokens[:20])
 
 
 def test_gemma_tokenizer_json_ids_equal_transformers(gemma_dir):

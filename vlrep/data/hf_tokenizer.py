@@ -51,13 +51,13 @@ class _FastBackend:
   """tokenizer.json through the `tokenizers` library."""
 
   def __init__(self, path: str, config: dict):
+    del config  # the tokenizer.json holds everything this backend needs
     import tokenizers  # pylint: disable=g-import-not-at-top  (only hf: tokenizers need it)
     self._tok = tokenizers.Tokenizer.from_file(os.path.join(path, 'tokenizer.json'))
     self._tok.no_padding()
     self._tok.no_truncation()
     self.token_id = self._tok.token_to_id
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.config = config
 
   def encode(self, texts: list[str], max_len: int, cut_left: bool) -> list[list[int]]:
     self._tok.enable_truncation(max_len, direction='left' if cut_left else 'right')
@@ -185,6 +185,10 @@ class HFTokenizer:
       if 0 <= t < self.vocab_size:
         ids.append(int(t))
     return self._backend.decode(ids)
+
+  def __reduce__(self):
+    # Grain worker processes receive the tokenizer pickled: they read the directory again.
+    return HFTokenizer, (self.path,)
 
   def __repr__(self) -> str:
     return f'HFTokenizer({self.path!r}, vocab_size={self.vocab_size})'
