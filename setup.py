@@ -39,7 +39,11 @@ setup(
         # CUDA build; tests/interop/open_clip_shim.py explains the torchvision stub).
         # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
         # the captioning metrics are checked against it live, not only against stored values.
+        # transformers and tokenizers: the Hugging Face interop tests (data.tokenizer=hf:DIR
+        # reads tokenizer.json files with tokenizers at run time; neither is needed otherwise).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
-                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
+                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'transformers>=5.0',
+                 'tokenizers>=0.22'],
+        'hf': ['tokenizers>=0.22'],
     },
 )

@@ -97,9 +97,11 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
       # Layout options for imported checkpoints (open_clip: `vlrep/interop`), off for ours:
       # CLIP's class token (prepended) and LayerNorm before the blocks, the patch
       # projection's bias, the LayerNorm on the output tokens, LayerNorm epsilon, and
-      # LayerScale's initial value (0 = none).
+      # LayerScale's initial value (0 = none); uint8 images' RGB mean and std (CLIP's).
       'class_token': False, 'ln_pre': False, 'patch_bias': True, 'final_norm': True,
-      'ln_eps': 1e-6, 'layer_scale': 0.0})
+      'ln_eps': 1e-6, 'layer_scale': 0.0,
+      'image_mean': (0.48145466, 0.4578275, 0.40821073),
+      'image_std': (0.26862954, 0.26130258, 0.27577711)})
   c.model.text = ml_collections.ConfigDict({
       'vocab_size': vocab, 'width': width, 'heads': heads, 'unimodal_layers': uni,
       'multimodal_layers': multi, 'mlp_dim': text_mlp,
@@ -130,6 +132,11 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
   c.model.pooler_output_norm = True
   c.model.pooled_norm = False
   c.model.text_projection_bias = False
+  # SigLIP's attention-pooling head: no LayerNorm on the pooler's context, a residual MLP
+  # of this width after it (0 = none), and no image projection.
+  c.model.pooler_context_norm = True
+  c.model.pooler_mlp_dim = 0
+  c.model.image_projection = True
   # MLP activation everywhere: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP).
   c.model.activation = 'gelu_tanh'
   # LayerNorm epsilon of the poolers and the multimodal half (the towers have their own).

@@ -5,7 +5,9 @@
                                      checkpoint) or a directory written by `Pretrained.save`;
   open_clip:STATE_DICT:MODEL_CFG     an open_clip state dict file and its model config JSON
                                      (open_clip's `model_configs/*.json` format), converted
-                                     by `vlrep.interop.open_clip` (the last ':' separates them).
+                                     by `vlrep.interop.open_clip` (the last ':' separates them);
+  hf:DIR                             a transformers CLIPModel / SiglipModel directory,
+                                     converted by `vlrep.interop.hf`.
 Only parameters are taken: the step, the optimizer state and the data stream start afresh.
 The train loop applies it only to a run with no checkpoint of its own, so a resumed run
 continues from its own checkpoint. The weights must fit the run's model exactly (same
@@ -24,6 +26,7 @@ import jax
 from vlrep import export
 
 OPEN_CLIP_PREFIX = 'open_clip:'
+HF_PREFIX = 'hf:'
 
 
 def _open_clip_arrays(spec: str) -> dict[str, Any]:
@@ -35,9 +38,18 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
       raise FileNotFoundError(f'init_from={spec!r}: {path!r} not found')
   with open(model_cfg) as f:
     cfg = json.load(f)
+  cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json nests it
   # Imported here: the conversion needs open_clip's layout, not every run does.
   from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
   return export.host_arrays(open_clip.load_open_clip(state_dict, cfg).params)
+
+
+def _hf_arrays(spec: str) -> dict[str, Any]:
+  path = os.path.expanduser(spec[len(HF_PREFIX):])
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'init_from={spec!r}: {path!r} is not a directory')
+  from vlrep.interop import hf  # pylint: disable=g-import-not-at-top
+  return export.named_arrays(hf.convert_dir(path)[1])
 
 
 def _run_arrays(path: str) -> dict[str, Any]:
@@ -52,6 +64,8 @@ def named_arrays(spec: str) -> dict[str, Any]:
   """The named parameter arrays (numpy, on every process) that `spec` points to."""
   if spec.startswith(OPEN_CLIP_PREFIX):
     return _open_clip_arrays(spec)
+  if spec.startswith(HF_PREFIX):
+    return _hf_arrays(spec)
   path = os.path.expanduser(spec)
   if export.is_exported(path):
     return export.read_arrays(path)

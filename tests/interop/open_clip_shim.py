@@ -14,6 +14,7 @@ later `from conftest import load_config` (tests/models, ...) fails in a whole-su
 """
 
 import importlib
+import importlib.machinery
 import os
 import sys
 import types
@@ -42,6 +43,7 @@ def _placeholder_module(name: str) -> types.ModuleType:
     return Unavailable
 
   module.__getattr__ = __getattr__
+  module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec must not raise
   module.__path__ = []  # a package, so submodule imports resolve to further placeholders
   return module
 
@@ -53,6 +55,12 @@ def _install_torchvision_stub() -> None:
   except Exception:  # ImportError, or RuntimeError from a mismatched operator library
     for key in [k for k in sys.modules if k == 'torchvision' or k.startswith('torchvision.')]:
       del sys.modules[key]
+  # open_clip imports transformers, which asks (once, cached) whether torchvision is
+  # installed: ask before the stub exists, so that transformers never reaches for it.
+  try:
+    importlib.import_module('transformers.utils.import_utils').is_torchvision_available()
+  except ImportError:
+    pass
   for name in ('torchvision', 'torchvision.ops', 'torchvision.ops.misc', 'torchvision.transforms',
                'torchvision.transforms.functional'):
     sys.modules[name] = _placeholder_module(name)

@@ -99,6 +99,11 @@ class ClipBpeTokenizer:
     self.vocab_size = len(pieces)
     self._word_ids = functools.lru_cache(maxsize=_CACHE_WORDS)(self._merge)
 
+  def vocabulary(self) -> tuple[list[str], list[tuple[str, str]]]:
+    """(every piece by id, the merges by rank): what a transformers CLIPTokenizer's
+    vocab.json and merges.txt hold (`vlrep/interop/to_hf.py` writes them)."""
+    return list(self._pieces), sorted(self._ranks, key=self._ranks.get)
+
   def __reduce__(self):
     # Grain worker processes receive the tokenizer pickled; its caches are rebuilt there.
     return _load, (self.path,)

@@ -13,6 +13,9 @@ tokenizer names its ids in `pad_id`, `bos_id` and `eos_id` (CLIP's BPE has its o
                       SentencePiece defaults, T5's) are remapped to that layout.
   clip_bpe[:PATH]     OpenAI CLIP's BPE, token for token open_clip's tokenizer (BOS 49406,
                       EOS 49407; `vlrep/data/clip_bpe.py`); PATH: another merges file.
+  hf:DIR              a Hugging Face tokenizer directory (tokenizer.json, or SigLIP's
+                      spiece.model), ids as `transformers` gives them
+                      (`vlrep/data/hf_tokenizer.py`; PAD may differ from 0 there).
 
 Run as a program, this module trains a SentencePiece model on a source's captions:
 
@@ -45,7 +48,7 @@ DEFAULT_MAX_SENTENCES = 2_000_000
 # Only captions are read when training, but sources draw or decode an image per example:
 # a small one keeps that cheap.
 _CAPTION_IMAGE_SIZE = 32
-SPECS = ('bytes', 'sentencepiece:PATH', 'clip_bpe[:PATH]')
+SPECS = ('bytes', 'sentencepiece:PATH', 'clip_bpe[:PATH]', 'hf:DIR')
 _MIN_BATCH_ENCODE = 64
 
 
@@ -181,9 +184,15 @@ def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
   return SentencePieceTokenizer(path)
 
 
+@functools.lru_cache(maxsize=None)
+def _load_hf(path: str) -> Tokenizer:
+  from vlrep.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+  return hf_tokenizer.HFTokenizer(path)
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
-  """The tokenizer named by `config.data.tokenizer`: `bytes`, `sentencepiece:PATH` or
-  `clip_bpe[:PATH]`."""
+  """The tokenizer named by `config.data.tokenizer`: `bytes`, `sentencepiece:PATH`,
+  `clip_bpe[:PATH]` or `hf:DIR`."""
   if spec == 'bytes':
     return ByteTokenizer()
   name, _, path = spec.partition(':')
@@ -193,6 +202,8 @@ def get_tokenizer(spec: str) -> Tokenizer:
     # Imported here: only runs that use it pay for loading ftfy and the vocabulary.
     from vlrep.data import clip_bpe  # pylint: disable=g-import-not-at-top
     return clip_bpe.get(path)
+  if name == 'hf' and path:
+    return _load_hf(os.path.expanduser(path))
   raise ValueError(f'Unknown data.tokenizer {spec!r}; known: {", ".join(SPECS)}')
 
 

@@ -235,7 +235,8 @@ def convert_state_dict(state_dict: Mapping[str, Any],
   return config, params
 
 
-def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
+def _check_shapes(config: ml_collections.ConfigDict, params: Any,
+                  what: str = 'the converted open_clip weights') -> None:
   """The converted tree must be exactly the tree `build_model(config)` initialises."""
   import jax
   import flax.linen as nn
@@ -245,7 +246,7 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any) -> None:
   model = build_model(config)
   expected = jax.eval_shape(
       lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))
-  export.check_shapes(expected, params, 'the converted open_clip weights')
+  export.check_shapes(expected, params, what)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -10,7 +10,10 @@ Image pooling (`pooler`, `image_pool`): the paper's two attentional poolers ('ca
 output ('tok') or the mean of the others ('avg') is the contrastive vector and the others
 the caption tokens ('single', open_clip's CoCa); or no pooler ('none', CLIP: the class token
 or the mean patch token). `pooled_norm` adds a LayerNorm on the pooled vector. The
-poolers' heads, width and norms are options too (`layers.AttentionalPooler`).
+poolers' heads, width, norms and residual MLP are options too (`layers.AttentionalPooler`;
+SigLIP's head is a parallel pooler with no context norm and an MLP), and
+`image_projection=False` drops the image projection (SigLIP: the pooled vector is the
+embedding).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from vlrep.models.layers import (ACTIVATIONS, BLOCK_LAYOUTS, DEFAULT_LN_EPS, REM
                                  AttentionalPooler, Dtype, default_kernel_init,
                                  float32_dot_general, layer_norm, logical)
 from vlrep.models.text import TextDecoder
-from vlrep.models.vision import VisionTransformer
+from vlrep.models.vision import IMAGE_MEAN, IMAGE_STD, VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0
 # The bound is kept on the parameter (`clamp_temperature`, after every update, as open_clip
@@ -63,13 +66,17 @@ class CoCa(nn.Module):
   pooler_ln_eps: float = DEFAULT_LN_EPS
   pooled_norm: bool = False
   text_projection_bias: bool = False
+  pooler_context_norm: bool = True
+  pooler_mlp_dim: int = 0
+  image_projection_layer: bool = True
 
   def setup(self):
     heads = self.pooler_heads or self.image_encoder.num_heads
     pooler = lambda queries: AttentionalPooler(
         queries, heads, self.dtype, width=self.pooler_width or None,
         query_norm=self.pooler_query_norm, output_norm=self.pooler_output_norm,
-        ln_eps=self.pooler_ln_eps)
+        ln_eps=self.pooler_ln_eps, context_norm=self.pooler_context_norm,
+        mlp_dim=self.pooler_mlp_dim, activation=self.image_encoder.activation)
     self.captioning_pooler = pooler(self.captioning_queries)
     self.contrastive_pooler = pooler(1)
     if self.pooled_norm:
@@ -79,7 +86,8 @@ class CoCa(nn.Module):
         self.embed_dim, use_bias=bias, dtype=self.dtype, dot_general=float32_dot_general,
         kernel_init=logical(default_kernel_init, 'embed', None),
         bias_init=logical(nn.initializers.zeros, None))
-    self.image_projection = projection()
+    if self.image_projection_layer:
+      self.image_projection = projection()
     self.text_projection = projection(self.text_projection_bias)
     self.logit_scale_log = self.param(
         'logit_scale', logical(nn.initializers.constant(math.log(1 / self.temperature_init))), ())
@@ -119,7 +127,9 @@ class CoCa(nn.Module):
         caption_tokens = rest
     if self.pooled_norm:
       pooled = self.image_pooled_norm(pooled)
-    return l2_normalize(self.image_projection(pooled).astype(jnp.float32)), caption_tokens
+    if self.image_projection_layer:
+      pooled = self.image_projection(pooled)
+    return l2_normalize(pooled.astype(jnp.float32)), caption_tokens
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (L2-normalised embedding [B, E], unimodal token features [B, L, W])."""
@@ -219,7 +229,9 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
           dtype=dtype, class_token=vision.get('class_token', False),
           ln_pre=vision.get('ln_pre', False), final_norm=vision.get('final_norm', True),
           patch_bias=vision.get('patch_bias', True), activation=activation,
-          ln_eps=vision.get('ln_eps', ln_eps), layer_scale=vision.get('layer_scale', 0.0)),
+          ln_eps=vision.get('ln_eps', ln_eps), layer_scale=vision.get('layer_scale', 0.0),
+          image_mean=tuple(vision.get('image_mean', IMAGE_MEAN)),
+          image_std=tuple(vision.get('image_std', IMAGE_STD))),
       text_decoder=TextDecoder(
           vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
           unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
@@ -241,4 +253,7 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
       pooler_query_norm=model.get('pooler_query_norm', False),
       pooler_output_norm=model.get('pooler_output_norm', True), pooler_ln_eps=ln_eps,
       pooled_norm=model.get('pooled_norm', False),
-      text_projection_bias=model.get('text_projection_bias', False))
+      text_projection_bias=model.get('text_projection_bias', False),
+      pooler_context_norm=model.get('pooler_context_norm', True),
+      pooler_mlp_dim=model.get('pooler_mlp_dim', 0),
+      image_projection_layer=model.get('image_projection', True))

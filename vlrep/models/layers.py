@@ -320,8 +320,10 @@ class AttentionalPooler(nn.Module):
   """Learned queries attending over tokens: [B, N, W] -> [B, num_queries, width].
 
   `width` is the queries' (and output's) width, by default the tokens'. The context is
-  always normalised (`ln_context`); `query_norm` also normalises the queries (`ln_query`,
-  as open_clip does) and `output_norm` the output (`ln_out`, the default).
+  normalised (`ln_context`) unless `context_norm=False`; `query_norm` also normalises the
+  queries (`ln_query`, as open_clip does) and `output_norm` the output (`ln_out`, the
+  default). `mlp_dim` > 0 adds a residual MLP on the pooled tokens (`ln_mlp`, `mlp`), as
+  SigLIP's attention-pooling head has.
   """
   num_queries: int
   num_heads: int
@@ -330,6 +332,9 @@ class AttentionalPooler(nn.Module):
   query_norm: bool = False
   output_norm: bool = True
   ln_eps: float = DEFAULT_LN_EPS
+  context_norm: bool = True
+  mlp_dim: int = 0
+  activation: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -341,6 +346,9 @@ class AttentionalPooler(nn.Module):
     if self.query_norm:
       queries = norm('ln_query')(queries)
     queries = jnp.broadcast_to(queries, (tokens.shape[0], *queries.shape))
-    pooled = Attention(self.num_heads, dtype=self.dtype, name='attention')(
-        queries, norm('ln_context')(tokens))
+    context = norm('ln_context')(tokens) if self.context_norm else tokens
+    pooled = Attention(self.num_heads, dtype=self.dtype, name='attention')(queries, context)
+    if self.mlp_dim:
+      pooled = pooled + Mlp(self.mlp_dim, self.dtype, self.activation, name='mlp')(
+          norm('ln_mlp')(pooled))
     return norm('ln_out')(pooled) if self.output_norm else pooled

@@ -6,7 +6,8 @@ No class token by default: CoCa pools the patch tokens with attentional poolers
 `final_norm=False` leaves the output tokens unnormalised (for layouts that normalise after
 pooling).
 uint8 images are normalised here, so every caller (train step, evaluators, the Python API)
-gets the same preprocessing; float images are taken as already normalised.
+gets the same preprocessing (`image_mean` / `image_std`, CLIP's unless a checkpoint has its
+own, e.g. SigLIP's 0.5 / 0.5); float images are taken as already normalised.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
+def normalize_images(images: jax.Array, mean=IMAGE_MEAN, std=IMAGE_STD) -> jax.Array:
   """uint8 [B, H, W, 3] -> float32 standardised; float input is returned unchanged."""
   if images.dtype != jnp.uint8:
     return images
   x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
+  return (x - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 class VisionTransformer(nn.Module):
@@ -55,10 +56,12 @@ class VisionTransformer(nn.Module):
   activation: str = 'gelu_tanh'
   ln_eps: float = DEFAULT_LN_EPS
   layer_scale: float = 0.0
+  image_mean: tuple[float, ...] = IMAGE_MEAN
+  image_std: tuple[float, ...] = IMAGE_STD
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = normalize_images(images).astype(self.dtype)
+    x = normalize_images(images, self.image_mean, self.image_std).astype(self.dtype)
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f'image size {x.shape[1:3]} is not divisible by patch_size {p}')
