@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from vlrep.data.tokenizer import get_tokenizer
 from vlrep.interop import hf_params
 from vlrep.interop.open_clip import _base_config, _check_shapes
 
@@ -213,6 +214,8 @@ def convert_dir(path: str, tokenizer_dir: str | None = None
   config = config_from_fields(fields)
   if has_tokenizer(path):
     config.data.tokenizer = 'hf:' + os.path.abspath(tokenizer_dir or path)
+    # The losses and decoding skip the model's pad id, which must be the tokenizer's.
+    config.model.text.pad_id = get_tokenizer('hf:' + path).pad_id
   elif kind_of(hf_config) == 'clip' and config.model.text.vocab_size == 49408:
     config.data.tokenizer = 'clip_bpe'
   else:
