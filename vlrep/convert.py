@@ -19,11 +19,13 @@ import os
 import jax
 from absl import app, flags
 
+from vlrep import paths
+
 
 def read_model_cfg(spec: str) -> dict:
   """open_clip's model config: a JSON file, or a name in open_clip's model_configs/."""
-  path = os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  path = paths.local(spec)
+  if not paths.isfile(path):
     found = importlib.util.find_spec('open_clip')
     for folder in (found.submodule_search_locations or []) if found else []:
       candidate = os.path.join(folder, 'model_configs', f'{spec}.json')
@@ -33,17 +35,18 @@ def read_model_cfg(spec: str) -> dict:
     else:
       raise FileNotFoundError(f'--model_cfg={spec!r} is neither a JSON file nor the name of a '
                               'config in the installed open_clip package')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def convert(state_dict: str, model_cfg: str, output: str):
   """Converts and saves; returns the `Pretrained` model that was written to `output`."""
-  if not os.path.isfile(os.path.expanduser(state_dict)):
+  paths.check(output)
+  if not paths.isfile(state_dict):
     raise FileNotFoundError(f'--open_clip_state_dict={state_dict!r} not found')
   cfg = read_model_cfg(model_cfg)
   from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
-  model = open_clip.load_open_clip(os.path.expanduser(state_dict), cfg)
+  with paths.reading_locally(state_dict) as local_state_dict:
+    model = open_clip.load_open_clip(local_state_dict, cfg)
   model.save(output)
   return model
 
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   model = convert(args.open_clip_state_dict, args.model_cfg, args.output)
   count = sum(x.size for x in jax.tree.leaves(model.params))
-  print(f'wrote {os.path.abspath(args.output)}: {count:,} parameters; load it with '
+  print(f'wrote {paths.absolute(args.output)}: {count:,} parameters; load it with '
         f'vlrep.load({args.output!r}) or fine-tune with --config.init_from={args.output}')
 
 

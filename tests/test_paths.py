@@ -1,0 +1,95 @@
+"""vlrep.paths: local paths as plain files, gs:// through a loopback GCS server, every other
+scheme refused by name; and the object-store traps each workaround exists for."""
+
+import json
+import os
+import warnings
+
+import pytest
+
+from vlrep import paths
+
+
+@pytest.mark.parametrize('path', ['s3://bkt/run', 'http://host/x', 'hdfs://nn/data', 'GS://b'])
+def test_other_schemes_are_refused_by_name(path):
+  with pytest.raises(paths.UnsupportedPathError, match=f'{path.split(":")[0]}:// paths are not'):
+    paths.check(path)
+  with pytest.raises(paths.UnsupportedPathError):
+    paths.exists(path)
+
+
+def test_local_paths_are_plain_files(tmp_path):
+  folder = str(tmp_path / 'a')
+  assert not paths.is_remote(folder) and paths.absolute('x') == os.path.abspath('x')
+  paths.makedirs(folder)
+  paths.write_text(paths.join(folder, 'f.json'), '{"a": 1}')
+  assert json.load(open(os.path.join(folder, 'f.json'))) == {'a': 1}
+  assert paths.listdir(folder) == ['f.json']  # no leftover partial file
+  assert paths.glob(paths.join(folder, '*.json')) == [os.path.join(folder, 'f.json')]
+  mirror = paths.Mirror(folder)
+  assert mirror.folder == folder  # written in place, as before
+
+
+def test_gs_files_round_trip(bucket, tmp_path):
+  run = f'{bucket}/run'
+  assert paths.is_remote(run) and paths.absolute(run + '/') == run
+  assert paths.listdir(run) == [] and not paths.exists(run)
+  paths.write_text(f'{run}/config.json', 'x' * 10)
+  paths.write_text(f'{run}/sub/a.array_record', 'a')
+  paths.write_text(f'{run}/sub/b.array_record', 'b')
+  assert paths.read_text(f'{run}/config.json') == 'x' * 10
+  assert paths.isdir(run) and paths.isfile(f'{run}/config.json')
+  assert paths.listdir(run) == ['config.json', 'sub']
+  assert paths.glob(f'{run}/*/*.array_record') == [f'{run}/sub/a.array_record',
+                                                    f'{run}/sub/b.array_record']
+  with paths.writing_locally(f'{run}/big.bin') as local:
+    assert not local.startswith('gs:')
+    open(local, 'wb').write(os.urandom(1000))
+  with paths.reading_locally(f'{run}/big.bin') as local:
+    assert os.path.getsize(local) == 1000
+  paths.rmtree(f'{run}/sub')
+  assert paths.listdir(run) == ['big.bin', 'config.json']
+
+
+def test_gcsfs_append_overwrites_so_the_mirror_rewrites(bucket):
+  """The trap: gcsfs's 'a' mode warns and replaces the object. Mirror keeps every line."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  fs = gcsfs.GCSFileSystem()
+  path = f'{bucket}/trap.txt'
+  with fs.open(path, 'w') as f:
+    f.write('first\n')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    with fs.open(path, 'a') as f:
+      f.write('second\n')
+  assert fs.cat(path) == b'second\n'  # the first line is gone
+  with pytest.raises(ValueError, match='no append mode'):
+    paths.open_file(path, 'a')
+
+  run = f'{bucket}/run'
+  for lines in (['1', '2'], ['3']):  # two runs of the same workdir (a resume)
+    mirror = paths.Mirror(run, interval_s=3600)
+    with open(mirror.fetch('metrics.jsonl'), 'a') as f:
+      for line in lines:
+        f.write(line + '\n')
+        f.flush()
+        mirror.sync()  # the first sync uploads; later ones wait for interval_s ...
+    mirror.close()  # ... and close uploads what is pending
+    assert not os.path.exists(mirror.folder)
+  assert paths.read_text(f'{run}/metrics.jsonl') == '1\n2\n3\n'
+
+
+def test_array_record_traps(bucket, tmp_path):
+  """ArrayRecordWriter cannot write gs:// (hence writing_locally); the reader reads gs://."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  with pytest.raises(RuntimeError, match='Failed to create the file header'):
+    writer = array_record_module.ArrayRecordWriter(f'{bucket}/x.array_record', 'group_size:1')
+    writer.write(b'record')
+    writer.close()
+  with paths.writing_locally(f'{bucket}/x.array_record') as local:
+    writer = array_record_module.ArrayRecordWriter(local, 'group_size:1')
+    for i in range(3):
+      writer.write(b'record %d' % i)
+    writer.close()
+  reader = array_record_module.ArrayRecordReader(f'{bucket}/x.array_record')
+  assert reader.num_records() == 3 and reader.read([2]) == [b'record 2']
