@@ -93,3 +93,36 @@ def test_array_record_traps(bucket, tmp_path):
     writer.close()
   reader = array_record_module.ArrayRecordReader(f'{bucket}/x.array_record')
   assert reader.num_records() == 3 and reader.read([2]) == [b'record 2']
+
+
+def test_every_entry_point_refuses_other_schemes(config, tmp_path):
+  import vlrep  # pylint: disable=g-import-not-at-top
+  from vlrep import train  # pylint: disable=g-import-not-at-top
+  from vlrep.data import ingest, sources  # pylint: disable=g-import-not-at-top
+  with pytest.raises(train.ConfigError, match='s3:// paths are not supported'):
+    train.train_and_evaluate(config, 's3://bkt/run')
+  config.data.train = 'arrayrecord:s3://bkt/data'
+  with pytest.raises(train.ConfigError, match='s3:// paths are not supported'):
+    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(paths.UnsupportedPathError, match='http://'):
+    sources.make_source('arrayrecord:http://host/data', 16)
+  with pytest.raises(paths.UnsupportedPathError, match='s3://'):
+    vlrep.load('s3://bkt/export')
+  (tmp_path / 'in').mkdir()
+  with pytest.raises(paths.UnsupportedPathError, match='s3://'):
+    ingest.ingest(str(tmp_path / 'in'), 's3://bkt/data')
+  assert not os.path.exists('s3:')  # never rewritten to a local folder
+
+
+def test_listings_see_what_other_clients_wrote(bucket, gcs_server):
+  """gcsfs caches listings; a path listed once must still show objects written since by
+  another process or host (here: a plain upload through the server's JSON API)."""
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  paths.write_text(f'{bucket}/ckpt/2/commit_success.txt', 'ok')
+  assert paths.listdir(f'{bucket}/ckpt') == ['2'] and not paths.exists(f'{bucket}/ckpt/4')
+  name = bucket[len('gs://'):]
+  request = urllib.request.Request(
+      f'{gcs_server.url}/upload/storage/v1/b/{name}/o?uploadType=media&name=ckpt/4/x',
+      data=b'x', method='POST', headers={'Content-Type': 'application/octet-stream'})
+  urllib.request.urlopen(request, timeout=10).close()
+  assert paths.listdir(f'{bucket}/ckpt') == ['2', '4'] and paths.exists(f'{bucket}/ckpt/4/x')
