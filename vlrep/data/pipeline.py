@@ -16,6 +16,7 @@ whose state also checkpoints exactly.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -136,17 +137,44 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   batches = local.map(tokenize).batch(config.batch_size // process_count, drop_remainder=True)
   # Elements are whole batches here: keep only a couple ahead, so that filling the buffer
   # does not compete with the train step for the CPU.
-  threads = int(data.worker_threads)
+  threads, workers = input_workers(data)
   out = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                   prefetch_buffer_size=max(threads, 1) + 1))
-  if data.get('workers', 0):
+  if workers:
     if not flags.FLAGS.is_parsed():
       # grain's workers read its absl flags; a program run with app.run has parsed them,
       # a library caller (tests, notebooks) has not: take their defaults.
       flags.FLAGS.mark_as_parsed()
-    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.workers),
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                        per_worker_buffer_size=2))
   return out.map(_CountSkips())
+
+
+def host_cores() -> int:
+  """CPUs this process may run on (its affinity mask, e.g. a container's share), or all."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def input_workers(data: ml_collections.ConfigDict, cores: int | None = None) -> tuple[int, int]:
+  """(threads, worker processes) for `data.worker_threads` / `data.workers`: values > 0 as
+  given, `workers` -1 = none, and 0 (the default) = chosen from the host's `cores`.
+
+  Auto: below 8 cores no worker processes (on 2 cores they were slower than one thread: the
+  train step needs the cores, README "Input speed") and one thread per 2 cores (1 on 2);
+  from 8 cores up, a worker process per 4 cores (at most 32), which decode in parallel
+  outside this process's GIL, each with 2 reading threads.
+  """
+  cores = host_cores() if cores is None else cores
+  threads, workers = int(data.worker_threads), int(data.get('workers', 0))
+  if workers == 0:
+    workers = 0 if cores < 8 else min(32, cores // 4)
+  workers = max(workers, 0)  # -1: none
+  if threads == 0:
+    threads = 2 if workers else max(1, min(16, cores // 2))
+  return threads, workers
 
 
 def eval_source(config: ml_collections.ConfigDict, spec: str = '', label_key: str = '') -> Any:
