@@ -36,6 +36,9 @@ setup(
         # gs:// paths (vlrep/paths.py): etils.epath over gcsfs; Orbax reaches buckets through
         # TensorStore and array_record through its own client, both already installed.
         'gcs': ['gcsfs>=2024.2', 'etils[epath]>=1.7'],
+        # python -m vlrep.data.ingest --runner=...: Apache Beam. It pins pillow < 13 and
+        # protobuf < 7, so .ci/run installs it in an environment of its own.
+        'beam': ['apache-beam>=2.60'],
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a

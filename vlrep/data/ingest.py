@@ -350,14 +350,20 @@ def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: i
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flags_ = flags.FLAGS
+  if len(argv) > 1 and not flags_.runner:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]} (pipeline options need --runner)')
+  common = dict(num_shards=flags_.num_shards, max_pixels=flags_.max_pixels,
+                max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
+                overwrite=flags_.overwrite)
   try:
-    manifest = ingest(flags_.input, flags_.output, num_shards=flags_.num_shards,
-                      workers=flags_.workers, max_pixels=flags_.max_pixels,
-                      max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
-                      overwrite=flags_.overwrite, progress=True)
+    if flags_.runner:
+      from vlrep.data import ingest_beam  # pylint: disable=g-import-not-at-top
+      manifest = ingest_beam.ingest_beam(flags_.input, flags_.output, **common,
+                                         pipeline_args=[f'--runner={flags_.runner}', *argv[1:]])
+    else:
+      manifest = ingest(flags_.input, flags_.output, workers=flags_.workers, progress=True,
+                        **common)
   except (ValueError, OSError) as error:  # usage errors and "nothing valid": one line, exit 1
     sys.exit(f'ingest: {error}')
   print(summary_line(manifest, flags_.output))
@@ -375,7 +381,12 @@ if __name__ == '__main__':
                        'and re-encoded as JPEG (quality 95); 0 keeps the original bytes.')
   flags.DEFINE_integer('max_image_bytes', DEFAULT_MAX_IMAGE_BYTES, 'Larger files are skipped.')
   flags.DEFINE_bool('overwrite', False, 'Replace the shards of a non-empty output directory.')
+  flags.DEFINE_string('runner', '', 'Run as an Apache Beam pipeline on this runner '
+                      '(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner; needs '
+                      "'.[beam]'); other flags unknown here are passed on as Beam pipeline "
+                      'options. Default: this process and its --workers.')
   flags.mark_flags_as_required(['input', 'output'])
   # Run the imported module, not __main__: workers unpickle its functions by module name.
   from vlrep.data import ingest as _ingest  # pylint: disable=g-import-not-at-top
-  app.run(_ingest.main)
+  # Flags this module does not know are Beam's pipeline options (with --runner).
+  app.run(_ingest.main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

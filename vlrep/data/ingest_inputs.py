@@ -14,11 +14,12 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
 import os
 import re
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
+
+from vlrep import paths
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
 
@@ -140,12 +141,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 def tar_paths(pattern: str) -> list[str]:
   """The sorted, distinct files a brace-and-glob pattern names."""
-  paths = set()
-  for expanded in expand_braces(pattern):
-    paths.update(path for path in glob.glob(expanded) if os.path.isfile(path))
-  if not paths:
+  found = set()
+  for expanded in expand_braces(paths.check(pattern)):
+    found.update(path for path in paths.glob(expanded) if paths.isfile(path))
+  if not found:
     raise FileNotFoundError(f'no files match {pattern!r}')
-  return sorted(paths)
+  return sorted(found)
 
 
 def _tar_sample(key: str, members: dict[str, Any]) -> Sample:
@@ -159,15 +160,27 @@ def _tar_sample(key: str, members: dict[str, Any]) -> Sample:
   return Sample(key, image_bytes=image, captions=(members['txt'],))
 
 
-def tar_samples(paths: Sequence[str], skipped: collections.Counter,
+def tar_samples(tar_files: Sequence[str], skipped: collections.Counter,
                 max_image_bytes: int) -> Iterator[Sample]:
   """Samples of each shard in order: a sample is a run of members sharing a key."""
-  for path in paths:
+  for path in tar_files:
+    yield from tar_file_samples(path, skipped, max_image_bytes)
+
+
+def tar_file_samples(path: str, skipped: collections.Counter,
+                     max_image_bytes: int) -> Iterator[Sample]:
+  """The samples of one shard (local or gs://), in order."""
+  try:
+    file = paths.open_file(path, 'rb')
+  except OSError:
+    skipped['corrupt_tar'] += 1
+    return
+  with file:
     try:
-      tar = tarfile.open(path, 'r:*')
+      tar = tarfile.open(fileobj=file, mode='r:*')
     except (tarfile.TarError, OSError, EOFError):
       skipped['corrupt_tar'] += 1
-      continue
+      return
     with tar:
       key, members = None, {}
       iterator = iter(tar)
