@@ -3,6 +3,7 @@ run), TensorBoard events land in the bucket, and tensorboardX's own GCS writer (
 again from `__del__` at interpreter exit) is never used."""
 
 import json
+import time
 
 import pytest
 

@@ -3,6 +3,7 @@ scheme refused by name; and the object-store traps each workaround exists for.""
 
 import json
 import os
+import time
 import warnings
 
 import pytest
@@ -74,9 +75,21 @@ def test_gcsfs_append_overwrites_so_the_mirror_rewrites(bucket):
         f.write(line + '\n')
         f.flush()
         mirror.sync()  # the first sync uploads; later ones wait for interval_s ...
+    assert paths.read_text(f'{run}/metrics.jsonl').endswith(lines[0] + '\n')
     mirror.close()  # ... and close uploads what is pending
     assert not os.path.exists(mirror.folder)
   assert paths.read_text(f'{run}/metrics.jsonl') == '1\n2\n3\n'
+
+  mirror = paths.Mirror(f'{bucket}/timed', interval_s=0.5)
+  with open(mirror.fetch('log'), 'a') as f:
+    for line in ('a', 'b'):
+      f.write(line + '\n')
+      f.flush()
+      mirror.sync()
+  assert paths.read_text(f'{bucket}/timed/log') == 'a\n'  # 'b' waits for the interval ...
+  time.sleep(1.5)
+  assert paths.read_text(f'{bucket}/timed/log') == 'a\nb\n'  # ... then goes up by itself
+  mirror.close()
 
 
 def test_array_record_traps(bucket, tmp_path):

@@ -8,9 +8,10 @@ temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when comple
 process killed mid-save leaves at most a temporary directory, which is never picked up (and
 is deleted by the next run). On gs:// (TensorStore writes the arrays; buckets cannot rename)
 a step folder is complete once it holds `commit_success.txt`; one without it (a killed save)
-is ignored the same way and deleted by the next run's manager (`cleanup_tmp_directories`,
-tested), so the step can be saved again. Before restoring, `export.check_shapes` compares the checkpoint's
-metadata with the arrays the config builds, so a mismatch names the array and both shapes.
+is ignored the same way and deleted by the next run's manager (`cleanup_tmp_directories`;
+tests/test_gcs_end_to_end.py), so the step can be saved again. Before restoring,
+`export.check_shapes` compares the checkpoint's metadata with the arrays the config builds,
+so a mismatch names the array and both shapes.
 """
 
 from __future__ import annotations

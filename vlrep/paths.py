@@ -23,6 +23,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
 from typing import IO, Any, Iterator
 
@@ -253,9 +254,10 @@ class Mirror:
   `path`; `sync` does nothing), so local runs write exactly as before. For gs://, `folder` is
   a temporary directory; `fetch(name)` first downloads an existing file (so a resumed run's
   `metrics.jsonl` keeps its earlier lines), `sync()` uploads every file whose size or
-  modification time changed, at most every `interval_s` (a bucket accepts about one write
-  per second to an object) unless `force`; `close()` syncs and deletes the local copy.
-  What was written after the last sync is lost if the process is killed.
+  modification time changed: at once if the last upload is `interval_s` old (a bucket takes
+  about one write per second to an object), else from a timer thread when it is; `close()`
+  uploads what is left and deletes the local copy. A killed process loses what it wrote in
+  its last `interval_s`.
   """
 
   def __init__(self, path: str, interval_s: float = 2.0):
@@ -265,7 +267,9 @@ class Mirror:
                    else local(path))
     os.makedirs(self.folder, exist_ok=True)
     self._uploaded: dict[str, tuple[int, int]] = {}
-    self._last_sync = 0.0
+    self._last_sync = -float('inf')
+    self._lock = threading.Lock()
+    self._timer: threading.Timer | None = None
 
   def fetch(self, name: str) -> str:
     """The local path of `name`, holding the remote file's content if there is one."""
@@ -277,9 +281,23 @@ class Mirror:
     return target
 
   def sync(self, force: bool = False) -> None:
-    if not self._remote or (not force and time.monotonic() - self._last_sync < self._interval_s):
+    if not self._remote:
       return
-    self._last_sync = time.monotonic()
+    with self._lock:
+      wait = self._last_sync + self._interval_s - time.monotonic()
+      if wait > 0 and not force:
+        if self._timer is None:  # upload when the interval is over
+          self._timer = threading.Timer(wait, self.sync, kwargs={'force': True})
+          self._timer.daemon = True
+          self._timer.start()
+        return
+      if self._timer is not None:
+        self._timer.cancel()
+        self._timer = None
+      self._last_sync = time.monotonic()
+      self._upload_changed()
+
+  def _upload_changed(self) -> None:
     for root, _, files in os.walk(self.folder):
       for file in files:
         source = os.path.join(root, file)
