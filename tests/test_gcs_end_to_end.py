@@ -7,6 +7,7 @@ run's), evaluate, `vlrep.load`, export to the bucket and load the export; and tw
 """
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from PIL import Image
 
 import vlrep
 from conftest import REPO, override_flags
-from vlrep import evaluate, export, paths, train
+from vlrep import evaluate, export, init_from, paths, train
 from vlrep.data import ingest
 from vlrep.data.synthetic import SyntheticShapes
 
@@ -130,6 +131,12 @@ def test_train_kill_resume_evaluate_load_export_on_a_bucket(config, gs_data, buc
   model.save(f'{bucket}/export')
   assert paths.listdir(f'{bucket}/export') == ['config.json', 'params.safetensors']
   _assert_same_params(vlrep.load(f'{bucket}/export').params, model.params)
+  # A new run can start from it: config.init_from's arrays, configs/saved.py's config.
+  _assert_same_params(init_from.named_arrays(f'{bucket}/export'), export.host_arrays(model.params))
+  saved = importlib.util.spec_from_file_location('saved', os.path.join(REPO, 'configs/saved.py'))
+  module = importlib.util.module_from_spec(saved)
+  saved.loader.exec_module(module)
+  assert module.get_config(f'{bucket}/export').model.to_dict() == model.config.model.to_dict()
 
 
 def test_two_processes_write_one_sharded_checkpoint_to_a_bucket(config, gs_data, bucket):

@@ -87,10 +87,6 @@ def basename(path: str) -> str:
   return posixpath.basename(path.rstrip('/')) if is_remote(path) else os.path.basename(path)
 
 
-def dirname(path: str) -> str:
-  return posixpath.dirname(path.rstrip('/')) if is_remote(path) else os.path.dirname(path)
-
-
 def exists(path: str) -> bool:
   return _epath(path, fresh=True).exists() if is_remote(path) else os.path.exists(local(path))
 
