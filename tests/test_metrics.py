@@ -23,6 +23,7 @@ def test_metrics_and_events_on_a_bucket(bucket, monkeypatch):
     for step in steps:
       writer.write(step, {'train/loss': 1.0 / step, 'retrieval/i2t_r@1': 0.5})
     writer.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
   lines = [json.loads(line) for line in paths.read_text(f'{workdir}/metrics.jsonl').splitlines()]
   assert [r['step'] for r in lines] == [1, 2, 3]
   assert lines[2]['train/loss'] == pytest.approx(1 / 3)
