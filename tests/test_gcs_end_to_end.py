@@ -136,7 +136,8 @@ def test_train_kill_resume_evaluate_load_export_on_a_bucket(config, gs_data, buc
   saved = importlib.util.spec_from_file_location('saved', os.path.join(REPO, 'configs/saved.py'))
   module = importlib.util.module_from_spec(saved)
   saved.loader.exec_module(module)
-  assert module.get_config(f'{bucket}/export').model.to_dict() == model.config.model.to_dict()
+  assert (json.loads(module.get_config(f'{bucket}/export').model.to_json())
+          == json.loads(model.config.model.to_json()))
 
 
 def test_two_processes_write_one_sharded_checkpoint_to_a_bucket(config, gs_data, bucket):
