@@ -319,9 +319,9 @@ def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
   return manifest
 
 
-def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: int | None, workers: int | None,
-                  options: _Options, progress: bool, skipped: collections.Counter,
-                  dropped: collections.Counter) -> dict[str, Any]:
+def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: int | None,
+                  workers: int | None, options: _Options, progress: bool,
+                  skipped: collections.Counter, dropped: collections.Counter) -> dict[str, Any]:
   """Validates `samples` into ArrayRecord shards in the local `folder`; the manifest's
   counts. Raises NoValidRecordsError (deleting the shards) if none was valid."""
   writer, captions = _ShardWriter(folder, num_shards), 0
