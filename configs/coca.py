@@ -198,11 +198,11 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
   c.data.tfds_image_key = 'image'
   c.data.tfds_caption_key = 'captions/text'
   c.data.tfds_data_dir = ''
-  # Threads that draw/decode examples ahead of the step; on a 2-core CPU more of them
-  # only compete with the step.
-  c.data.worker_threads = 1
-  # Worker processes (grain mp_prefetch) that decode batches ahead; 0 = in this process.
-  # On a 2-core CPU they were slower than the thread (`vlrep.data.bench`); more cores: use.
+  # Threads that draw/decode examples ahead of the step, and worker processes (grain
+  # mp_prefetch) that decode batches ahead (-1 = none, in this process). 0 = chosen from the
+  # host's cores (vlrep.data.pipeline.input_workers; `vlrep.data.bench` prints the choice):
+  # one thread and no processes on 2 cores, where more only compete with the step.
+  c.data.worker_threads = 0
   c.data.workers = 0
 
   c.lock()

@@ -37,12 +37,12 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
-  file = path if path.endswith('.json') else os.path.join(path, 'config.json')
-  if not os.path.isfile(file):
+  from vlrep import paths  # pylint: disable=g-import-not-at-top  (a local or gs:// DIR)
+  file = path if path.endswith('.json') else paths.join(path, 'config.json')
+  if not paths.isfile(file):
     raise FileNotFoundError(f'configs/saved.py:{path}: {file} not found (expected a vlrep run '
                             'directory, an exported model or a config.json)')
-  with open(file) as f:
-    saved = json.load(f)
+  saved = json.loads(paths.read_text(file))
   config = _defaults()
   config.unlock()
   _merge(config, saved)

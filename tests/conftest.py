@@ -7,6 +7,7 @@ build their mesh from `jax.devices()[:1]`. Subprocesses started by tests inherit
 
 import atexit
 import importlib.util
+import itertools
 import os
 import shutil
 import sys
@@ -98,3 +99,22 @@ def assert_same_params(got, want):
 @pytest.fixture
 def config() -> ml_collections.ConfigDict:
   return shrink(load_config('coca'))
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """One loopback GCS server per test process (tests/gcs_server.py), environment set."""
+  from gcs_server import Server  # pylint: disable=g-import-not-at-top
+  server = Server()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+  """'gs://NAME': an empty bucket of its own for each test."""
+  name = ''.join(c if c.isalnum() else '-' for c in request.node.name.lower())[:50]
+  return gcs_server.bucket(f'b{next(_BUCKETS)}-{name}'.rstrip('-'))
+
+
+_BUCKETS = itertools.count()

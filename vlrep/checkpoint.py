@@ -6,21 +6,24 @@ state (a JSON position in the global stream), captured when `save` is called, so
 run sees exactly the batches it would have seen. Saves are asynchronous; orbax writes into a
 temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a
 process killed mid-save leaves at most a temporary directory, which is never picked up (and
-is deleted by the next run). Before restoring, `export.check_shapes` compares the checkpoint's
-metadata with the arrays the config builds, so a mismatch names the array and both shapes.
+is deleted by the next run). On gs:// (TensorStore writes the arrays; buckets cannot rename)
+a step folder is complete once it holds `commit_success.txt`; one without it (a killed save)
+is ignored the same way and deleted by the next run's manager (`cleanup_tmp_directories`;
+tests/test_gcs_end_to_end.py), so the step can be saved again. Before restoring,
+`export.check_shapes` compares the checkpoint's metadata with the arrays the config builds,
+so a mismatch names the array and both shapes.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
-import os
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlrep import export, sharding, step as step_lib
+from vlrep import export, paths, sharding, step as step_lib
 
 # Orbax splits each replicated array among its replicas ("replica-parallel" writes) by slicing
 # it on device: one small XLA compile per distinct shape and device, ~6 s on the first save
@@ -54,7 +57,7 @@ def _abstract_arrays(tree: Any, shardings: Any) -> Any:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return paths.join(paths.absolute(workdir), 'checkpoints')
 
 
 def _check_items(manager: ocp.CheckpointManager, step: int, expected: Mapping[str, Any]) -> None:
@@ -64,7 +67,7 @@ def _check_items(manager: ocp.CheckpointManager, step: int, expected: Mapping[st
     export.check_shapes(dict(expected), {name: metadata[name] for name in expected},
                         'the checkpoint')
   except ValueError as e:
-    raise ValueError(f'{os.path.join(manager.directory, str(step))}: {e}') from None
+    raise ValueError(f'{paths.join(str(manager.directory), str(step))}: {e}') from None
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:

@@ -30,13 +30,15 @@ import os
 import jax
 from absl import app, flags
 
+from vlrep import paths
+
 DIRECTIONS = ('hf', 'open_clip')
 
 
 def read_model_cfg(spec: str) -> dict:
   """open_clip's model config: a JSON file, or a name in open_clip's model_configs/."""
-  path = os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  path = paths.local(spec)
+  if not paths.isfile(path):
     found = importlib.util.find_spec('open_clip')
     for folder in (found.submodule_search_locations or []) if found else []:
       candidate = os.path.join(folder, 'model_configs', f'{spec}.json')
@@ -46,19 +48,20 @@ def read_model_cfg(spec: str) -> dict:
     else:
       raise FileNotFoundError(f'--model_cfg={spec!r} is neither a JSON file nor the name of a '
                               'config in the installed open_clip package')
-  with open(path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(paths.read_text(path))
   # open_clip_config.json (hub checkpoints, `--to=open_clip`) nests it under 'model_cfg'.
   return cfg.get('model_cfg', cfg)
 
 
 def convert(state_dict: str, model_cfg: str, output: str):
   """Converts and saves; returns the `Pretrained` model that was written to `output`."""
-  if not os.path.isfile(os.path.expanduser(state_dict)):
+  paths.check(output)
+  if not paths.isfile(state_dict):
     raise FileNotFoundError(f'--open_clip_state_dict={state_dict!r} not found')
   cfg = read_model_cfg(model_cfg)
   from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
-  model = open_clip.load_open_clip(os.path.expanduser(state_dict), cfg)
+  with paths.reading_locally(state_dict) as local_state_dict:
+    model = open_clip.load_open_clip(local_state_dict, cfg)
   model.save(output)
   return model
 
@@ -103,6 +106,10 @@ def main(argv: list[str]) -> None:
   elif bool(source) == bool(target) or not args.input:
     raise app.UsageError('give --input and one of --from=hf, --to=hf, --to=open_clip (or '
                          '--open_clip_state_dict with --model_cfg)')
+  elif any(paths.is_remote(p) for p in (args.input, args.output)):
+    # transformers and open_clip directories are read and written as local files.
+    raise app.UsageError('--from / --to read and write local directories only; copy a '
+                         'gs:// model down first')
   elif source:
     if source != 'hf':
       raise app.UsageError(f'--from={source!r}: --from=hf, or --open_clip_state_dict with '
@@ -113,7 +120,7 @@ def main(argv: list[str]) -> None:
     print(f'wrote {os.path.abspath(path)} ({target})')
     return
   count = sum(x.size for x in jax.tree.leaves(model.params))
-  print(f'wrote {os.path.abspath(args.output)}: {count:,} parameters; load it with '
+  print(f'wrote {paths.absolute(args.output)}: {count:,} parameters; load it with '
         f'vlrep.load({args.output!r}) or fine-tune with --config.init_from={args.output}')
 
 

@@ -13,7 +13,6 @@ multi-process launch, with the same numbers for any device or process count.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -22,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import checkpoint, distributed
+from vlrep import checkpoint, distributed, paths
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
 from vlrep.pretrained import Pretrained
@@ -43,11 +42,10 @@ def _tuples(value: Any) -> Any:
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config with `evals` filled in (for runs saved before it existed), locked."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise FileNotFoundError(f'no {path}: --workdir must be a training run directory')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config = ml_collections.ConfigDict(_tuples(json.loads(paths.read_text(path))))
   if config.get('evals') is None:
     config.evals = entries.legacy_evals(config)
   config.lock()
@@ -64,8 +62,8 @@ def evaluate(workdir: str, step: int | None = None,
   model = Pretrained(config, params, batch_size=config.get('eval_batch_size', 256))
   results = evaluator(model)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    paths.write_text(paths.join(workdir, 'results.json'),
+                     json.dumps(results, indent=2, sort_keys=True))
   return results
 
 
@@ -109,7 +107,7 @@ if __name__ == '__main__':
     sys.exit('--workdir is required')
   try:
     run = run_config(FLAGS.workdir)
-  except FileNotFoundError as error:
+  except (FileNotFoundError, paths.UnsupportedPathError) as error:
     sys.exit(str(error))
   _check_overrides(sys.argv[1:], run)
   config_flags.DEFINE_config_dict('config', run, lock_config=True)

@@ -17,7 +17,6 @@ missing, unexpected or misshapen array and both shapes (used by `vlrep.load` and
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import numpy as np
 import safetensors.numpy
 from jax.experimental import multihost_utils
 
-from vlrep import sharding
+from vlrep import paths, sharding
 from vlrep.models.coca import build_model
 
 CONFIG_FILE = 'config.json'
@@ -37,7 +36,7 @@ FORMAT = 'vlrep.export/1'
 
 def is_exported(path: str) -> bool:
   """Whether `path` is a directory written by `save`."""
-  return os.path.isfile(os.path.join(path, PARAMS_FILE))
+  return paths.isfile(paths.join(path, PARAMS_FILE))
 
 
 def _key_name(key: Any) -> str:
@@ -71,34 +70,32 @@ def save(path: str, config: ml_collections.ConfigDict, params: Any) -> str:
   """
   arrays = {name: np.asarray(_storable(_to_host(x)), order='C')
             for name, x in named_arrays(params).items()}
+  path = paths.check(path)
   if jax.process_index() == 0:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json(indent=2))
-    partial = os.path.join(path, PARAMS_FILE + '.partial')
-    safetensors.numpy.save_file(arrays, partial, metadata={'format': FORMAT})
-    os.chmod(partial, 0o644)  # safetensors creates it owner-only; config.json is not
-    os.replace(partial, os.path.join(path, PARAMS_FILE))
+    paths.makedirs(path)
+    paths.write_text(paths.join(path, CONFIG_FILE), config.to_json(indent=2))
+    with paths.writing_locally(paths.join(path, PARAMS_FILE)) as partial:
+      safetensors.numpy.save_file(arrays, partial, metadata={'format': FORMAT})
   multihost_utils.sync_global_devices(f'vlrep.export.save:{path}')
   return path
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The config saved in a run directory or an exported one."""
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file):
+  file = paths.join(path, CONFIG_FILE)
+  if not paths.isfile(file):
     raise FileNotFoundError(f'{file} not found: {path!r} is neither a vlrep run directory nor '
                             'an exported model')
-  with open(file) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(file)))
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:
   """The named parameter arrays of an exported directory, as numpy."""
   if not is_exported(path):
-    raise FileNotFoundError(f'{os.path.join(path, PARAMS_FILE)} not found: {path!r} is not an '
+    raise FileNotFoundError(f'{paths.join(path, PARAMS_FILE)} not found: {path!r} is not an '
                             'exported vlrep model')
-  return safetensors.numpy.load_file(os.path.join(path, PARAMS_FILE))
+  with paths.reading_locally(paths.join(path, PARAMS_FILE)) as file:
+    return safetensors.numpy.load_file(file)
 
 
 def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:

@@ -18,12 +18,11 @@ array with both shapes (`export.check_shapes`).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 
-from vlrep import export
+from vlrep import export, paths
 
 OPEN_CLIP_PREFIX = 'open_clip:'
 HF_PREFIX = 'hf:'
@@ -34,14 +33,14 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
   if not sep or not state_dict or not model_cfg:
     raise ValueError(f'init_from={spec!r}: expected open_clip:STATE_DICT_PATH:MODEL_CFG_JSON')
   for path in (state_dict, model_cfg):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f'init_from={spec!r}: {path!r} not found')
-  with open(model_cfg) as f:
-    cfg = json.load(f)
+  cfg = json.loads(paths.read_text(model_cfg))
   cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json nests it
   # Imported here: the conversion needs open_clip's layout, not every run does.
   from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
-  return export.host_arrays(open_clip.load_open_clip(state_dict, cfg).params)
+  with paths.reading_locally(state_dict) as local_state_dict:
+    return export.host_arrays(open_clip.load_open_clip(local_state_dict, cfg).params)
 
 
 def _hf_arrays(spec: str) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def named_arrays(spec: str) -> dict[str, Any]:
     return _open_clip_arrays(spec)
   if spec.startswith(HF_PREFIX):
     return _hf_arrays(spec)
-  path = os.path.expanduser(spec)
+  path = paths.local(paths.check(spec))
   if export.is_exported(path):
     return export.read_arrays(path)
   return _run_arrays(path)  # fails, naming the path, if it is not a run directory either

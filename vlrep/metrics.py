@@ -1,17 +1,21 @@
 """Metric writing: `workdir/metrics.jsonl` (one JSON object per logged step) and TensorBoard.
 
 Only process 0 writes. TensorBoard event files come from tensorboardX, which needs no
-TensorFlow (clu's writers import it).
+TensorFlow (clu's writers import it). On a gs:// workdir both are written into a local
+`paths.Mirror` and uploaded from there: an object cannot be appended to (gcsfs's 'a' mode
+overwrites), so `metrics.jsonl` is first downloaded, appended locally and re-uploaded whole;
+tensorboardX's own GCS writer is never used (it uploads again from `__del__` at exit).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping
 
 import jax
+
+from vlrep import paths
 
 
 class MetricWriter:
@@ -20,9 +24,9 @@ class MetricWriter:
     if not self._enabled:
       return
     from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 writes
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._mirror = paths.Mirror(workdir)
+    self._jsonl = open(self._mirror.fetch('metrics.jsonl'), 'a')  # pylint: disable=consider-using-with
+    self._tensorboard = SummaryWriter(paths.join(self._mirror.folder, 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -35,8 +39,11 @@ class MetricWriter:
       self._tensorboard.add_scalar(name.replace('@', '_'), value, int(step))
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
+    self._tensorboard.flush()
+    self._mirror.sync()
 
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
       self._tensorboard.close()
+      self._mirror.close()

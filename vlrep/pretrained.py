@@ -237,6 +237,8 @@ def load(path: str, step: int | None = None, *,
   directory written by `Pretrained.save`, placed on `mesh` (default: every device on the
   batch axes) whatever the device count it was trained or saved on."""
   from vlrep import export  # pylint: disable=g-import-not-at-top
+  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  path = paths.local(paths.check(path))
   mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
   config = export.read_config(path)
   abstract = export.abstract_params(config, mesh)

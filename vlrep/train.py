@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import sys
 import time
 from typing import Sequence
@@ -21,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, sharding,
+from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, paths, sharding,
                    step as step_lib)
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
@@ -87,16 +86,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   The mesh spans `devices` (default: all devices of all processes).
   """
   try:
+    paths.check(workdir)
     validate(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     # Fails before anything compiles if the batch cannot be split evenly.
     sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
   except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
+    paths.write_text(paths.join(workdir, 'config.json'), config.to_json(indent=2))
 
   model = build_model(config)
   tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
@@ -176,8 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if evaluator and not preempted:
     results = evaluate(config.total_steps)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+      paths.write_text(paths.join(workdir, 'results.json'),
+                       json.dumps(results, indent=2, sort_keys=True))
       print(json.dumps(results, sort_keys=True), flush=True)
   checkpointer.wait()
   checkpointer.close()

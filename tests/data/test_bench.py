@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
-from vlrep.data import bench
+from conftest import REPO, load_config
+from vlrep.data import bench, pipeline
 
 
 def test_measure_reports_a_rate(config):
@@ -24,3 +24,7 @@ def test_command_line_writes_records_and_prints_json_last(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['examples_per_s'] > 0 and result['batch_size'] == 8
   assert result['source'] == f'arrayrecord:{records}'
+  # data.worker_threads / data.workers are 0 (auto) in the tiny config: the choice is printed.
+  assert result['auto'] == ['worker_threads', 'workers']
+  assert (result['worker_threads'], result['workers']) == pipeline.input_workers(
+      load_config('coca').data, result['cpus'])

@@ -265,3 +265,38 @@ def test_cli(tmp_path):
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode != 0 and '--overwrite' in result.stderr
   assert [r['captions'] for r in _read(tmp_path / 'out')] == [['hello']]
+
+
+def _img2dataset_shard(folder) -> None:
+  """One shard as img2dataset writes it: `00000.tar` (successes only) and `00000.parquet`
+  (every row, with its status); one sample's caption is only in the table."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  _tar(os.path.join(folder, '00000.tar'), [
+      ('000000000.jpg', _image_bytes('JPEG', seed=1)), ('000000000.txt', b'two red circles'),
+      ('000000000.json', b'{}'), ('000000002.png', _image_bytes('PNG', seed=2)),
+      ('000000002.json', b'{}')])
+  pq.write_table(pa.table({
+      'key': ['000000000', '000000001', '000000002', '000000003'],
+      'caption': ['two red circles', 'never downloaded', 'a blue cross', None],
+      'status': ['success', 'failed_to_download', 'success', 'failed_to_resize']}),
+      os.path.join(folder, '00000.parquet'))
+
+
+def test_img2dataset_parquet_and_tar_layout_locally_and_on_a_bucket(tmp_path, bucket):
+  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  _img2dataset_shard(tmp_path / 'shards')
+  manifest = ingest.ingest(str(tmp_path / 'shards/*.tar'), str(tmp_path / 'out'), workers=1)
+  assert manifest['records'] == 2
+  assert manifest['skipped'] == {'failed_to_download': 1, 'failed_to_resize': 1}
+  assert [r['captions'] for r in _read(tmp_path / 'out')] == [['two red circles'],
+                                                               ['a blue cross']]
+  for name in ('00000.tar', '00000.parquet'):
+    paths.upload(str(tmp_path / 'shards' / name), f'{bucket}/shards/{name}')
+  remote = ingest.ingest(f'{bucket}/shards/*.tar', str(tmp_path / 'from_bucket'), workers=1)
+  assert {k: v for k, v in remote.items() if k != 'source'} == {
+      k: v for k, v in manifest.items() if k != 'source'}
+  assert _shard_bytes(tmp_path / 'from_bucket').keys() == _shard_bytes(tmp_path / 'out').keys()
+  for name in manifest['shards']:
+    assert _shard_bytes(tmp_path / 'from_bucket')[name] == _shard_bytes(tmp_path / 'out')[name]

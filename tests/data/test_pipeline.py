@@ -144,3 +144,13 @@ def test_tfds_source_trains_and_evaluates(config):
     examples = pipeline.eval_examples(config)
   assert batch['images'].shape == (8, 16, 16, 3)
   assert examples['images'].shape == (12, 16, 16, 3) and examples['captions'][0].isdigit()
+
+
+@pytest.mark.parametrize('cores, threads, workers, expected', [
+    (2, 0, 0, (1, 0)), (4, 0, 0, (2, 0)), (6, 0, 0, (3, 0)), (8, 0, 0, (2, 2)),
+    (96, 0, 0, (2, 24)), (240, 0, 0, (2, 32)), (240, 0, -1, (16, 0)), (2, 3, 4, (3, 4)),
+    (64, 1, 0, (1, 16))])
+def test_input_workers_follow_the_host_cores_when_zero(config, cores, threads, workers,
+                                                       expected):
+  config.data.worker_threads, config.data.workers = threads, workers
+  assert pipeline.input_workers(config.data, cores) == expected

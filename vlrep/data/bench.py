@@ -87,8 +87,10 @@ def main(argv: list[str]) -> None:
   result = measure(config, f.batches)
   result.update(source=f.source, image_size=config.data.image_size,
                 batch_size=config.batch_size, augment=config.data.augment,
-                worker_threads=config.data.worker_threads, workers=config.data.workers,
-                batches=f.batches, cpus=os.cpu_count())
+                batches=f.batches, cpus=pipeline.host_cores())
+  # The values used: data.worker_threads / data.workers 0 are chosen from the host's cores.
+  result['worker_threads'], result['workers'] = pipeline.input_workers(config.data)
+  result['auto'] = [name for name in ('worker_threads', 'workers') if not config.data[name]]
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

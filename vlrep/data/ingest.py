@@ -36,6 +36,7 @@ from absl import app, flags
 from array_record.python import array_record_module
 from PIL import Image, ImageOps
 
+from vlrep import paths
 from vlrep.data import ingest_inputs, records
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -244,13 +245,17 @@ class _ShardWriter:
 
 
 def _prepare_output(directory: str, overwrite: bool) -> None:
-  os.makedirs(directory, exist_ok=True)
-  existing = os.listdir(directory)
+  paths.makedirs(directory)
+  existing = paths.listdir(directory)
   if existing and not overwrite:
     raise FileExistsError(f'{directory} is not empty; pass --overwrite to replace its shards')
   for name in existing:  # only what an ingest run writes: never the user's other files
     if name == MANIFEST or re.fullmatch(r'\.?data-\d+(-of-\d+\.array_record|\.partial)', name):
-      os.remove(os.path.join(directory, name))
+      paths.remove(paths.join(directory, name))
+
+
+def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+  paths.write_text(paths.join(directory, MANIFEST), json.dumps(manifest, indent=2) + '\n')
 
 
 def _format_counts(counts: dict[str, int]) -> str:
@@ -298,11 +303,28 @@ def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
   if num_shards is not None and num_shards < 1:
     raise ValueError(f'num_shards must be positive, not {num_shards}')
   fmt = ingest_inputs.detect_format(input_path)
-  skipped, dropped = collections.Counter(), collections.Counter()
+  skipped = collections.Counter()
   samples = ingest_inputs.read_samples(input_path, fmt, skipped, max_image_bytes)
+  output_dir = paths.check(output_dir)
   _prepare_output(output_dir, overwrite)
   options = _Options(int(max_pixels), int(max_side), int(max_image_bytes))
-  writer, captions = _ShardWriter(output_dir, num_shards), 0
+  dropped = collections.Counter()
+  with paths.local_folder(output_dir) as folder:
+    manifest = _write_shards(input_path, samples, folder, num_shards, workers, options,
+                             progress, skipped, dropped)
+    if paths.is_remote(output_dir):
+      paths.copy_tree(folder, output_dir, manifest['shards'])
+  manifest = {'source': input_path, 'format': fmt, **manifest}
+  write_manifest(output_dir, manifest)
+  return manifest
+
+
+def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: int | None,
+                  workers: int | None, options: _Options, progress: bool,
+                  skipped: collections.Counter, dropped: collections.Counter) -> dict[str, Any]:
+  """Validates `samples` into ArrayRecord shards in the local `folder`; the manifest's
+  counts. Raises NoValidRecordsError (deleting the shards) if none was valid."""
+  writer, captions = _ShardWriter(folder, num_shards), 0
   bar = _Progress(progress)
   try:
     for record, reason, count, dropped_here in _results(samples, options,
@@ -322,25 +344,26 @@ def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
     writer.close(keep=False)
     raise NoValidRecordsError(f'no valid image-caption pairs in {input_path}; skipped '
                               f'{sum(skipped.values())}: {_format_counts(skipped) or "nothing"}')
-  manifest = {'source': input_path, 'format': fmt, 'records': writer.count,
-              'captions': captions, 'skipped': dict(sorted(skipped.items())),
-              'dropped_captions': dict(sorted(dropped.items())), 'shards': writer.close(keep=True),
-              'created_with': 'vlrep.data.ingest'}
-  with open(os.path.join(output_dir, MANIFEST), 'w') as file:
-    json.dump(manifest, file, indent=2)
-    file.write('\n')
-  return manifest
+  return {'records': writer.count, 'captions': captions, 'skipped': dict(sorted(skipped.items())),
+          'dropped_captions': dict(sorted(dropped.items())), 'shards': writer.close(keep=True),
+          'created_with': 'vlrep.data.ingest'}
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flags_ = flags.FLAGS
+  if len(argv) > 1 and not flags_.runner:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]} (pipeline options need --runner)')
+  common = dict(num_shards=flags_.num_shards, max_pixels=flags_.max_pixels,
+                max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
+                overwrite=flags_.overwrite)
   try:
-    manifest = ingest(flags_.input, flags_.output, num_shards=flags_.num_shards,
-                      workers=flags_.workers, max_pixels=flags_.max_pixels,
-                      max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
-                      overwrite=flags_.overwrite, progress=True)
+    if flags_.runner:
+      from vlrep.data import ingest_beam  # pylint: disable=g-import-not-at-top
+      manifest = ingest_beam.ingest_beam(flags_.input, flags_.output, **common,
+                                         pipeline_args=[f'--runner={flags_.runner}', *argv[1:]])
+    else:
+      manifest = ingest(flags_.input, flags_.output, workers=flags_.workers, progress=True,
+                        **common)
   except (ValueError, OSError) as error:  # usage errors and "nothing valid": one line, exit 1
     sys.exit(f'ingest: {error}')
   print(summary_line(manifest, flags_.output))
@@ -358,7 +381,12 @@ if __name__ == '__main__':
                        'and re-encoded as JPEG (quality 95); 0 keeps the original bytes.')
   flags.DEFINE_integer('max_image_bytes', DEFAULT_MAX_IMAGE_BYTES, 'Larger files are skipped.')
   flags.DEFINE_bool('overwrite', False, 'Replace the shards of a non-empty output directory.')
+  flags.DEFINE_string('runner', '', 'Run as an Apache Beam pipeline on this runner '
+                      '(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner; needs '
+                      "'.[beam]'); other flags unknown here are passed on as Beam pipeline "
+                      'options. Default: this process and its --workers.')
   flags.mark_flags_as_required(['input', 'output'])
   # Run the imported module, not __main__: workers unpickle its functions by module name.
   from vlrep.data import ingest as _ingest  # pylint: disable=g-import-not-at-top
-  app.run(_ingest.main)
+  # Flags this module does not know are Beam's pipeline options (with --runner).
+  app.run(_ingest.main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

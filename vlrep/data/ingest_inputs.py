@@ -14,11 +14,12 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
 import os
 import re
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
+
+from vlrep import paths
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
 
@@ -140,34 +141,72 @@ def expand_braces(pattern: str) -> list[str]:
 
 def tar_paths(pattern: str) -> list[str]:
   """The sorted, distinct files a brace-and-glob pattern names."""
-  paths = set()
-  for expanded in expand_braces(pattern):
-    paths.update(path for path in glob.glob(expanded) if os.path.isfile(path))
-  if not paths:
+  found = set()
+  for expanded in expand_braces(paths.check(pattern)):
+    found.update(path for path in paths.glob(expanded) if paths.isfile(path))
+  if not found:
     raise FileNotFoundError(f'no files match {pattern!r}')
-  return sorted(paths)
+  return sorted(found)
 
 
-def _tar_sample(key: str, members: dict[str, Any]) -> Sample:
+def _tar_sample(key: str, members: dict[str, Any], table_captions: dict[str, bytes]) -> Sample:
   if 'skip' in members:  # a member of this sample could not be read
     return Sample(key, skip=members['skip'])
   image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
   if image is None:
     return Sample(key, skip='missing_image')
-  if 'txt' not in members:
+  caption = members.get('txt', table_captions.get(key))
+  if caption is None:
     return Sample(key, skip='missing_caption')
-  return Sample(key, image_bytes=image, captions=(members['txt'],))
+  return Sample(key, image_bytes=image, captions=(caption,))
 
 
-def tar_samples(paths: Sequence[str], skipped: collections.Counter,
+def tar_samples(tar_files: Sequence[str], skipped: collections.Counter,
                 max_image_bytes: int) -> Iterator[Sample]:
   """Samples of each shard in order: a sample is a run of members sharing a key."""
-  for path in paths:
+  for path in tar_files:
+    yield from tar_file_samples(path, skipped, max_image_bytes)
+
+
+def img2dataset_rows(tar_path: str, skipped: collections.Counter) -> dict[str, bytes]:
+  """img2dataset's `X.parquet` beside shard `X.tar`, if there is one: its rows that failed
+  (status other than `success`: no image in the shard) are counted in `skipped` under their
+  status (`failed_to_download`, `failed_to_resize`, ...), and {key: caption} of the others
+  is returned, for samples whose shard has no `.txt` member (img2dataset without
+  `--caption_col`'s text files, or with captions only in the table)."""
+  parquet = re.sub(r'\.tar$', '.parquet', tar_path)
+  if parquet == tar_path or not paths.isfile(parquet):
+    return {}
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (img2dataset sets only)
+  with paths.open_file(parquet, 'rb') as file:
+    table = pq.read_table(file).to_pydict()
+  keys, statuses = table.get('key', []), table.get('status', [])
+  captions = table.get('caption', [None] * len(keys))
+  out = {}
+  for key, status, caption in zip(keys, statuses or ['success'] * len(keys), captions):
+    if status != 'success':
+      skipped[str(status)] += 1
+    elif key is not None and caption is not None:
+      out[str(key)] = str(caption).encode('utf-8')
+  return out
+
+
+def tar_file_samples(path: str, skipped: collections.Counter,
+                     max_image_bytes: int) -> Iterator[Sample]:
+  """The samples of one shard (local or gs://), in order; with img2dataset's parquet table
+  beside it, its failed rows are counted and its captions fill in missing `.txt` members."""
+  table_captions = img2dataset_rows(path, skipped)
+  try:
+    file = paths.open_file(path, 'rb')
+  except OSError:
+    skipped['corrupt_tar'] += 1
+    return
+  with file:
     try:
-      tar = tarfile.open(path, 'r:*')
+      tar = tarfile.open(fileobj=file, mode='r:*')
     except (tarfile.TarError, OSError, EOFError):
       skipped['corrupt_tar'] += 1
-      continue
+      return
     with tar:
       key, members = None, {}
       iterator = iter(tar)
@@ -187,7 +226,7 @@ def tar_samples(paths: Sequence[str], skipped: collections.Counter,
         extension = extension.lower()
         if member_key != key:
           if key is not None:
-            yield _tar_sample(key, members)
+            yield _tar_sample(key, members, table_captions)
           key, members = member_key, {}
         if extension not in IMAGE_EXTENSIONS and extension != 'txt':
           continue  # .json and other metadata
@@ -200,4 +239,4 @@ def tar_samples(paths: Sequence[str], skipped: collections.Counter,
           members['skip'] = 'corrupt_tar_member'
           break  # a member cut short: nothing after it can be read either
       if key is not None:
-        yield _tar_sample(key, members)
+        yield _tar_sample(key, members, table_captions)

@@ -16,8 +16,9 @@ whose state also checkpoints exactly.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import grain
 import ml_collections
@@ -136,17 +137,44 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   batches = local.map(tokenize).batch(config.batch_size // process_count, drop_remainder=True)
   # Elements are whole batches here: keep only a couple ahead, so that filling the buffer
   # does not compete with the train step for the CPU.
-  threads = int(data.worker_threads)
+  threads, workers = input_workers(data)
   out = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                   prefetch_buffer_size=max(threads, 1) + 1))
-  if data.get('workers', 0):
+  if workers:
     if not flags.FLAGS.is_parsed():
       # grain's workers read its absl flags; a program run with app.run has parsed them,
       # a library caller (tests, notebooks) has not: take their defaults.
       flags.FLAGS.mark_as_parsed()
-    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data.workers),
+    out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                        per_worker_buffer_size=2))
   return out.map(_CountSkips())
+
+
+def host_cores() -> int:
+  """CPUs this process may run on (its affinity mask, e.g. a container's share), or all."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def input_workers(data: ml_collections.ConfigDict, cores: int | None = None) -> tuple[int, int]:
+  """(threads, worker processes) for `data.worker_threads` / `data.workers`: values > 0 as
+  given, `workers` -1 = none, and 0 (the default) = chosen from the host's `cores`.
+
+  Auto: below 8 cores no worker processes (on 2 cores they were slower than one thread: the
+  train step needs the cores, README "Input speed") and one thread per 2 cores (1 on 2);
+  from 8 cores up, a worker process per 4 cores (at most 32), which decode in parallel
+  outside this process's GIL, each with 2 reading threads.
+  """
+  cores = host_cores() if cores is None else cores
+  threads, workers = int(data.worker_threads), int(data.get('workers', 0))
+  if workers == 0:
+    workers = 0 if cores < 8 else min(32, cores // 4)
+  workers = max(workers, 0)  # -1: none
+  if threads == 0:
+    threads = 2 if workers else max(1, min(16, cores // 2))
+  return threads, workers
 
 
 def eval_source(config: ml_collections.ConfigDict, spec: str = '', label_key: str = '') -> Any:
@@ -161,17 +189,49 @@ def eval_source(config: ml_collections.ConfigDict, spec: str = '', label_key: st
   return source_from_config(config, spec)
 
 
+class EvalImages:
+  """The decoded images of chosen examples of a source, read on demand in chunks.
+
+  What `eval_examples(..., stream=True)` returns as `images`: a sequence that holds only the
+  examples' indices, so an evaluation keeps at most one chunk of decoded images in memory
+  whatever the set's size. `chunks(n)` yields uint8 [<=n, S, S, 3] arrays in order; slicing
+  gives the images of a prefix (or any range) of the examples, still unread.
+  """
+
+  def __init__(self, source: Any, indices: Sequence[int], image_size: int):
+    self._source, self._indices, self._image_size = source, list(indices), image_size
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, rows: slice) -> 'EvalImages':
+    if not isinstance(rows, slice):
+      raise TypeError('EvalImages are read in chunks (chunks(n)) or sliced, not indexed')
+    return EvalImages(self._source, self._indices[rows], self._image_size)
+
+  def chunks(self, size: int) -> Iterator[np.ndarray]:
+    for begin in range(0, len(self._indices), size):
+      yield np.stack([transforms.decode_image(self._source[i]['image'], self._image_size)
+                      for i in self._indices[begin:begin + size]])
+
+  def read(self) -> np.ndarray:
+    """All of them at once (for small sets and tests)."""
+    return np.concatenate(list(self.chunks(max(1, len(self)))))
+
+
 def eval_examples(config: ml_collections.ConfigDict, spec: str = '', num_examples: int = 0,
-                  start: int = 0, label_key: str = '') -> dict[str, Any]:
+                  start: int = 0, label_key: str = '', stream: bool = False) -> dict[str, Any]:
   """Examples `start .. start+num_examples` of an eval source, in order, as numpy arrays.
 
   `spec` '' is `config.data.eval` and `num_examples` 0 is `config.data.eval_examples` (fewer
   if the source ends first). Images are center-resized to `data.image_size`; undecodable
   records are left out (with a warning), so every process and mesh sees the same examples.
-  Returns `images` uint8 [N, H, W, 3], `captions` (the first caption of each, N str),
-  `references` (all captions of each, N lists of str), any `labels/*` arrays of the source,
-  `zero_shot_tasks` (the source's {task: (class names, templates)}, empty if it has none)
-  and, with `label_key`, `label` (int [N] or multi-hot [N, C]) and `class_names`.
+  Returns `images` uint8 [N, H, W, 3] (with `stream`: an `EvalImages`, which decodes them
+  again when read, in chunks, so that only one chunk is ever held), `captions` (the first
+  caption of each, N str), `references` (all captions of each, N lists of str), any
+  `labels/*` arrays of the source, `zero_shot_tasks` (the source's {task: (class names,
+  templates)}, empty if it has none) and, with `label_key`, `label` (int [N] or multi-hot
+  [N, C]) and `class_names`.
 
   `label_key` names the label: a key of the source's examples (the synthetic set's
   `labels/<task>`, class names from its zero-shot task) or a TFDS ClassLabel feature
@@ -182,30 +242,35 @@ def eval_examples(config: ml_collections.ConfigDict, spec: str = '', num_example
   tfds_label = bool(label_key) and spec.startswith('tfds:')
   source = eval_source(config, spec, label_key)
   stop = min(start + num_examples, len(source))
-  examples, index = [], start
-  while len(examples) < stop - start and index < len(source):
+  images, references, labels, indices, index = [], [], {}, [], start
+  while len(indices) < stop - start and index < len(source):
     try:
       example = source[index]
-      example = {**example, 'image': transforms.decode_image(example['image'],
-                                                             config.data.image_size),
-                 'references': transforms.captions_of(example)}
-      examples.append(example)
+      image = transforms.decode_image(example['image'], config.data.image_size)
+      # Streamed: decoded here only to leave out the same undecodable records; what is kept
+      # of each example is its captions and labels (per key, not a dict per example).
+      references.append(transforms.captions_of(example))
+      for key, value in example.items():
+        if key.startswith('labels/'):
+          labels.setdefault(key, []).append(value)
+      indices.append(index)
+      if not stream:
+        images.append(image)
     except _SKIP_ERRORS as error:
       logging.warning('eval: skipping undecodable record %d of %s: %s', index, spec, error)
     index += 1
-  if not examples:
+  if not indices:
     raise ValueError(f'eval source {spec!r} has no examples from {start}')
-  out: dict[str, Any] = {'images': np.stack([e['image'] for e in examples]),
-                         'references': [e['references'] for e in examples],
-                         'captions': [e['references'][0] for e in examples],
-                         'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {})}
-  for key in examples[0]:
-    if key.startswith('labels/'):
-      out[key] = np.stack([e[key] for e in examples])
+  out: dict[str, Any] = {
+      'images': EvalImages(source, indices, config.data.image_size) if stream
+                else np.stack(images),
+      'references': references, 'captions': [refs[0] for refs in references],
+      'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {}),
+      **{key: np.stack(values) for key, values in labels.items()}}
   if tfds_label:
     names = _tfds_class_names(source.name, label_key, config.data.get('tfds_data_dir', ''))
     index_of = {name: i for i, name in enumerate(names)}
-    out['label'] = np.array([index_of[e['references'][0]] for e in examples], np.int32)
+    out['label'] = np.array([index_of[refs[0]] for refs in references], np.int32)
     out['class_names'] = names
   elif label_key:
     out.update(select_label(out, label_key, spec))

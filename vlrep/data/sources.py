@@ -11,13 +11,12 @@ skips it. Sources are picklable, so grain worker processes can read them.
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from vlrep import paths as paths_lib
 from vlrep.data import records
 from vlrep.data.synthetic import SyntheticShapes
 
@@ -27,12 +26,13 @@ SOURCES = ('synthetic[:train|test]', 'arrayrecord:PATH (directory, file or glob)
 
 def array_record_paths(pattern: str) -> list[str]:
   """The `.array_record` files named by a directory, a file or a glob, sorted."""
-  if os.path.isdir(pattern):
-    paths = glob.glob(os.path.join(pattern, '*.array_record*'))
-  elif os.path.isfile(pattern):
-    paths = [pattern]
+  pattern = paths_lib.check(pattern)
+  if paths_lib.isdir(pattern):
+    paths = paths_lib.glob(paths_lib.join(pattern, '*.array_record*'))
+  elif paths_lib.isfile(pattern):
+    paths = [paths_lib.local(pattern)]
   else:
-    paths = glob.glob(pattern)
+    paths = paths_lib.glob(pattern)
   if not paths:
     raise FileNotFoundError(f'No ArrayRecord files at {pattern!r} (a directory of '
                             '.array_record files, one file or a glob)')
@@ -84,7 +84,8 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # optional dependency: only tfds: sources need it
     self.name, self.split = name, split
     self.image_key, self.caption_key = image_key, caption_key
-    self._data = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    self._data = tfds.data_source(name, split=split,
+                                  data_dir=paths_lib.local(paths_lib.check(data_dir)) or None)
     feature = self._data.dataset_info.features
     for part in caption_key.split('/'):
       feature = feature[part]

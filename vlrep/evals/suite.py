@@ -10,10 +10,13 @@ Entries reading the same examples share them: examples and image embeddings are 
 computed once for the largest range any entry asks for and sliced for the others. Every
 number is computed on the host from whole arrays that `Pretrained` returns identically on
 every process and mesh (it pads the last chunk and drops the padding), so results do not
-depend on the device or process count. Every process holds the examples in host memory as
-uint8 at the model's image size: 12 MB for the demo's 1,000 images at 64 px, but 12 GB for
-ImageNet's 50,000 validation images at 288 px (lower `num_examples` for such sets on small
-hosts; the images are not streamed).
+depend on the device or process count. Images are streamed: the evaluator keeps the
+examples' captions, labels and indices, and each evaluation decodes the images again one
+chunk (`Pretrained.batch_size`, i.e. `eval_batch_size`) at a time, embedding or captioning
+each chunk before the next is read; so host memory holds one chunk of decoded images (plus
+the float32 embeddings, E floats per example) whatever the set's size, where the whole set
+used to be held (12 GB for ImageNet's 50,000 validation images at 288 px). Each process still
+decodes every image of a chunk, not only its devices' rows.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class _Examples:
     for key, count in self._requested.items():
       if key not in self._loaded:
         spec, start, label_key = key
-        self._loaded[key] = pipeline.eval_examples(self._config, spec, count, start, label_key)
+        self._loaded[key] = pipeline.eval_examples(self._config, spec, count, start, label_key,
+                                                   stream=True)
 
   def get(self, spec: str, start: int, count: int, label_key: str = '') -> dict[str, Any]:
     key = self._key(spec, start, label_key)
@@ -89,7 +93,9 @@ class _Examples:
     """Embeddings of `get(...)['images']`; valid until `clear`."""
     key = self._key(spec, start, label_key)
     if key not in self._embedded:
-      self._embedded[key] = model.encode_image(self._loaded[key]['images'])
+      self._embedded[key] = np.concatenate(
+          [model.encode_image(chunk) for chunk in self._loaded[key]['images'].chunks(
+              model.batch_size)])
     return self._embedded[key][:len(self.get(spec, start, count, label_key)['images'])]
 
   def clear(self) -> None:
@@ -142,8 +148,9 @@ def _captioning(name: str, entry: Any, data: _Examples, model: Pretrained) -> di
   for method in entry.methods:
     options = dict(beam_size=entry.beam_size, length_penalty=entry.length_penalty) \
         if method == 'beam' else {}
-    predictions = dict(enumerate(model.caption(examples['images'], entry.max_len or None,
-                                               method=method, **options)))
+    predictions = dict(enumerate(
+        caption for chunk in examples['images'].chunks(model.batch_size)
+        for caption in model.caption(chunk, entry.max_len or None, method=method, **options)))
     results[f'{name}/cider_{method}'] = captioning.cider_d(predictions, references)
     results[f'{name}/bleu4_{method}'] = captioning.bleu4(predictions, references)
     normalised = captioning.normalize_caption

@@ -27,8 +27,8 @@ DEFAULT_TEMPLATES = (
 
 def read_class_names(path: str) -> list[str]:
   """One class name per non-empty line, in label order."""
-  with open(path) as f:
-    names = [line.strip() for line in f if line.strip()]
+  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  names = [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
   if not names:
     raise ValueError(f'class names file {path!r} is empty')
   return names
