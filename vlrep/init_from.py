@@ -44,7 +44,10 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
 
 
 def _hf_arrays(spec: str) -> dict[str, Any]:
-  path = os.path.expanduser(spec[len(HF_PREFIX):])
+  path = paths.local(spec[len(HF_PREFIX):])
+  if paths.is_remote(path):
+    raise ValueError(f'init_from={spec!r}: transformers directories are read locally; copy '
+                     'it down first')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'init_from={spec!r}: {path!r} is not a directory')
   from vlrep.interop import hf  # pylint: disable=g-import-not-at-top
