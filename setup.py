@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# The ahead-of-time compilers of `vlrep.plan`, pinned to the jax they plug into.
+PLAN = ['jax[tpu]==0.10.2', 'jax-cuda12-plugin==0.10.2', 'jax-cuda12-pjrt==0.10.2',
+        'nvidia-cuda-nvcc-cu12>=12.8']
+
 setup(
     name='vlrep',
     version='0.1.0',
@@ -10,7 +14,9 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['vlrep', 'vlrep.*']),
     # CLIP's BPE vocabulary (data.tokenizer=clip_bpe) and its license notice.
-    package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt']},
+    package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt'],
+                  # XLA's GPU target configs for `vlrep.plan` (see the folder's README).
+                  'vlrep': ['gpu_targets/*.txtpb', 'gpu_targets/README.md']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.6',
@@ -33,6 +39,10 @@ setup(
     extras_require={
         # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
         'tfds': ['tensorflow-datasets>=4.9'],
+        # `python -m vlrep.plan`: compile-only TPU devices (libtpu, matched to jax by
+        # jax[tpu]) and GPU ones (the CUDA plugin; ptxas from nvidia-cuda-nvcc-cu12). No
+        # accelerator is needed or opened. The same pins are in 'test'.
+        'plan': PLAN,
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
@@ -40,6 +50,6 @@ setup(
         # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
         # the captioning metrics are checked against it live, not only against stored values.
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
-                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm'],
+                 'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', *PLAN],
     },
 )

@@ -8,6 +8,7 @@ patches, 64k vocabulary). Every field can be overridden with `--config.FIELD=VAL
 
 import ml_collections
 
+from vlrep import sharding
 from vlrep.evals import entries
 
 # name: (image size, patch, width, heads, vision layers, vision mlp, text uni, text multi,
@@ -54,7 +55,11 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # dcn_data / dcn_fsdp: the ways of those axes across TPU slices or GPU hosts;
+  # replicate_max_bytes: the largest array replicated when a dimension does not divide
+  # (vlrep/sharding.py MESH_DEFAULTS, where their defaults live).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1,
+                                      **sharding.MESH_DEFAULTS})
   # Passes per step for memory (GradCache): the contrastive loss still sees the whole batch.
   c.microbatches = 1
   # A step whose loss or gradients are not finite never updates anything. 'skip': count it

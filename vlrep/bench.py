@@ -32,10 +32,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlrep import flops as flops_lib
-from vlrep import sharding, step as step_lib
+from vlrep import step as step_lib, train
 from vlrep.data.tokenizer import PAD_ID
-from vlrep.models.coca import build_model
-from vlrep.optim import make_optimizer
 
 # Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order (first
 # substring wins: 'TPU v5 lite' is v5e, plain 'TPU v5' is v5p). GPUs: SXM parts.
@@ -119,16 +117,12 @@ class CompiledStep:
 def compile_step(config: ml_collections.ConfigDict) -> CompiledStep:
   """The train step of `vlrep.train` (same state, shardings, donation), compiled for a
   synthetic batch of `config.batch_size` on all devices."""
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
-  model = build_model(config)
-  tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
-  state, state_shardings = step_lib.create_train_state(
-      model, tx, learning_rate_fn, config, mesh, jax.random.key(config.seed))
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.device_put(synthetic_batch(config), batch_sharding)
-  train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  setup = train.setup_step(config)
+  state, _ = step_lib.create_train_state(setup.model, setup.tx, setup.learning_rate_fn, config,
+                                         setup.mesh, jax.random.key(config.seed),
+                                         setup.state_shardings)
+  batch = jax.device_put(synthetic_batch(config), setup.batch_sharding)
+  train_step = setup.train_step
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   return CompiledStep(config, compiled, state, batch, time.perf_counter() - start)

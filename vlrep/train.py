@@ -8,12 +8,13 @@ model family runs through this loop; they differ by config only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as std_logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -60,6 +61,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_evals(config)
 
 
+@dataclasses.dataclass
+class StepSetup:
+  """What runs the train step on a mesh: built by `setup_step` for `vlrep.train`,
+  `vlrep.bench` and `vlrep.plan` alike, so that all three run the same jitted step."""
+  mesh: jax.sharding.Mesh
+  model: Any
+  tx: Any
+  learning_rate_fn: Callable[[jax.Array], jax.Array]
+  abstract_state: Any  # shapes and dtypes (jax.ShapeDtypeStruct leaves)
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any  # jitted (state, batch) -> (state, metrics), the state donated
+  replicated: list[dict[str, Any]]  # arrays replicated because a dimension does not divide
+
+
+def setup_step(config: ml_collections.ConfigDict,
+               devices: Sequence[jax.Device] | None = None) -> StepSetup:
+  """Validates `config` and builds the mesh over `devices` (default: all devices of all
+  processes), the model, optimizer, state shardings and the jitted train step. Nothing is
+  compiled or allocated; a config that cannot work raises ConfigError first."""
+  try:
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    # Fails before anything compiles if the batch cannot be split evenly.
+    sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
+    model = build_model(config)
+    tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
+    replicated: list[dict[str, Any]] = []
+    abstract, state_shardings = step_lib.abstract_train_state(
+        model, tx, learning_rate_fn, config, mesh, replicated)
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def step(state, batch):
+    with sharding.axis_rules(mesh):  # the model's activation constraints apply
+      return step_lib.train_step(state, batch)
+  train_step = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  return StepSetup(mesh, model, tx, learning_rate_fn, abstract, state_shardings,
+                   batch_sharding, train_step, replicated)
+
+
 def _format_duration(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -80,22 +124,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   The mesh spans `devices` (default: all devices of all processes).
   """
-  try:
-    validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    # Fails before anything compiles if the batch cannot be split evenly.
-    sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
-  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-    raise ConfigError(str(e)) from e
+  setup = setup_step(config, devices)
+  mesh = setup.mesh
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
 
-  model = build_model(config)
-  tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
   state, state_shardings = step_lib.create_train_state(
-      model, tx, learning_rate_fn, config, mesh, jax.random.key(config.seed))
+      setup.model, setup.tx, setup.learning_rate_fn, config, mesh, jax.random.key(config.seed),
+      setup.state_shardings)
   logging.info('model: %s parameters', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
 
   data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
@@ -109,9 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  batch_sharding, train_step = setup.batch_sharding, setup.train_step
   evaluator = Evaluator(config) if config.eval_every_steps else None
   pretrained = Pretrained(config, state.params, batch_size=config.eval_batch_size, mesh=mesh)
   writer = MetricWriter(workdir)
@@ -184,13 +220,13 @@ def _quiet_library_logs(record) -> bool:
   return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, program: str = 'vlrep.train') -> None:
   """Ends the program with one line on stderr and status 1 (no traceback)."""
-  print(f'vlrep.train: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  print(f'{program}: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.exit(1)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], program: str = 'vlrep.train') -> list[str]:
   """absl's flag parsing, with a bad flag or `--config.KEY` reported in one line."""
   try:
     argv = flags.FLAGS(argv)
@@ -201,9 +237,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if 'Traceback (most recent call last)' in message:  # get_config raised: keep its error
       lines = [line for line in message.splitlines() if line.strip()]
       message = f'{message.split(": ")[0]}: {lines[-1].strip()}'
-    _fail(message)
+    _fail(message, program)
   except OSError as e:  # a config file that does not exist
-    _fail(str(e))
+    _fail(str(e), program)
   except (AttributeError, KeyError) as e:  # config_flags: a key the config does not have
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
@@ -211,7 +247,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     key = message.splitlines()[0].strip('\'"') if message else ''
     named = [arg.split('=')[0] for arg in argv[1:]
              if arg.startswith('--config.') and arg.split('=')[0].endswith(f'.{key}')]
-    _fail(f'{", ".join(named) or key}: unknown config key {message}')
+    _fail(f'{", ".join(named) or key}: unknown config key {message}', program)
   return []  # not reached
 
 
