@@ -148,7 +148,7 @@ def _fit(sharding: NamedSharding, x: Any, path: str, max_bytes: int,
       what = (f'{path} {shape}: dimension {dim} ({shape[dim]}) does not divide over mesh '
               f'axes {axes} ({ways} ways)')
       if 0 <= max_bytes < nbytes:
-        raise ValueError(f'{what}; replicated, all {nbytes / 2**20:.1f} MiB of it would be '
+        raise ValueError(f'{what}; replicated, all {nbytes:,} bytes of it would be '
                          f'on every device. Choose mesh sizes that divide it, or raise '
                          f'mesh.replicate_max_bytes (now {max_bytes})')
       logging.warning('%s; replicated along them instead', what)
