@@ -39,6 +39,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.batch_size = 64 if demo else 65_536
   c.total_steps = 720 if demo else 500_000
   c.log_every_steps = 100
+  # 'START:COUNT': a jax.profiler trace of those steps in DIR/profile (TensorBoard's profile
+  # plugin); '' = none.
+  c.profile_steps = ''
   c.checkpoint_every_steps = 360 if demo else 5_000
   c.keep_checkpoints = 3
   c.eval_every_steps = 720 if demo else 10_000

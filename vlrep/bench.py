@@ -8,7 +8,7 @@ last line, one JSON object:
 * `step_s`: median wall time of a step after two warm-up steps; `examples_per_s`;
 * `model_flops_per_step`: analytic model FLOPs (`vlrep.flops`, forward x3) and
   `flops_breakdown`; `achieved_tflops` = model FLOPs / step_s;
-* `peak_tflops`: all devices together, from `PEAK_TFLOPS` (bf16 dense, per chip) for known
+* `peak_tflops`: all devices together, from `vlrep.flops.PEAK_TFLOPS` (bf16 dense, per chip) for known
   accelerators, or on CPU the rate of a large float32 matmul measured in this run
   (`peak_source` says which); `mfu` = achieved / peak;
 * `peak_memory_bytes`: the devices' peak allocation where the platform reports it (null on
@@ -32,27 +32,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlrep import flops as flops_lib
+from vlrep.flops import PEAK_TFLOPS, table_peak_tflops  # pylint: disable=unused-import
 from vlrep import step as step_lib, train
 from vlrep.data.tokenizer import PAD_ID
 
-# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order (first
-# substring wins: 'TPU v5 lite' is v5e, plain 'TPU v5' is v5p). GPUs: SXM parts.
-PEAK_TFLOPS = (
-    ('TPU v6 lite', 918.0),  # v6e (Trillium)
-    ('TPU v5 lite', 197.0),  # v5e
-    ('TPU v5p', 459.0),
-    ('TPU v5', 459.0),  # v5p reports itself as 'TPU v5'
-    ('TPU v4', 275.0),
-    ('H200', 989.0),
-    ('H100', 989.0),
-    ('A100', 312.0),
-)
 WARMUP_STEPS = 2
-
-
-def table_peak_tflops(device_kind: str) -> float | None:
-  """Per-chip bf16 dense peak for a known accelerator, else None."""
-  return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
 
 
 def measure_matmul_tflops(size: int = 2048, repeats: int = 5) -> float:

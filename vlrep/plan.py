@@ -38,13 +38,12 @@ from ml_collections import config_flags
 
 from vlrep import flops as flops_lib
 from vlrep import sharding, train
-from vlrep.bench import table_peak_tflops
 
 GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
 # Memory per chip (bytes) by `device_kind` substring, first match wins. Sources: Google Cloud
 # TPU system architecture pages (v4 32 GiB, v5p 95 GiB, v5e 16 GiB, v6e 32 GiB of HBM per
 # chip); NVIDIA H100 SXM / H200 datasheets (80 GB, 141 GB: the device_memory_size of XLA's
-# target configs in vlrep/gpu_targets). Peak FLOPs: `vlrep.bench.PEAK_TFLOPS`.
+# target configs in vlrep/gpu_targets). Peak FLOPs: `vlrep.flops.PEAK_TFLOPS`.
 CHIP_MEMORY_BYTES = (
     ('TPU v6 lite', 32 << 30),
     ('TPU v5 lite', 16 << 30),
@@ -199,7 +198,7 @@ def plan(config: ml_collections.ConfigDict, target: str, slices: int = 1) -> dic
   step_s = float(cost['optimal_seconds']) if cost and 'optimal_seconds' in cost else None
   step_s = step_s if step_s is not None and step_s > 0 else None
   model_flops = flops_lib.train_flops_per_step(config)['total']
-  per_chip_peak = table_peak_tflops(kind)
+  per_chip_peak = flops_lib.table_peak_tflops(kind)
   mfu = (model_flops / step_s / (per_chip_peak * 1e12 * count)
          if step_s and per_chip_peak else None)
   found, loops = collectives(compiled.as_text())

@@ -184,6 +184,18 @@ def batch_devices(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
+def process_rows(batch: NamedSharding, global_batch: int) -> np.ndarray:
+  """The rows of a global batch this process's devices hold under `batch`, sorted: what it
+  must read for `jax.make_array_from_process_local_data`. A contiguous share of B/P rows
+  when only the batch axes span processes; with `tensor` (or part of `fsdp`) spanning them,
+  processes hold the same rows, or rows from several places of the batch."""
+  indices = batch.addressable_devices_indices_map((global_batch,)).values()
+  rows = set()
+  for (index,) in indices:
+    rows.update(range(*index.indices(global_batch)))
+  return np.asarray(sorted(rows), np.int64)
+
+
 def batch_size_per_process(global_batch: int, mesh: Mesh, microbatches: int = 1) -> int:
   """This process's share of a global batch; each microbatch must divide over the batch axes."""
   devices = batch_devices(mesh)

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, sharding,
                    step as step_lib)
+from vlrep import flops as flops_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -56,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss[field] not in allowed:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
   nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
+  profile_steps(config)
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:
     check_evals(config)
@@ -104,6 +106,21 @@ def setup_step(config: ml_collections.ConfigDict,
                    batch_sharding, train_step, replicated)
 
 
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """`config.profile_steps` 'START:COUNT' as (START, COUNT); '' (the default) is (0, 0)."""
+  spec = config.get('profile_steps', '')  # configs saved before the field: no profile
+  if not spec:
+    return 0, 0
+  try:
+    start, count = (int(x) for x in str(spec).split(':'))
+  except ValueError:
+    start = count = 0
+  if start < 1 or count < 1:
+    raise ValueError(f"profile_steps={spec!r}: expected 'START:COUNT' with START, COUNT >= 1 "
+                     "(e.g. '10:5'), or '' for none")
+  return start, count
+
+
 def _format_duration(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -136,7 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       setup.state_shardings)
   logging.info('model: %s parameters', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
 
-  data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  rows = sharding.process_rows(setup.batch_sharding, config.batch_size)
+  data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                              rows))
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   start = checkpointer.latest_step()
   if start is not None:
@@ -163,17 +182,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   results: dict[str, float] = {}
   last_log_time, last_log_step = time.time(), start
+  data_wait = 0.0  # seconds spent waiting for input since the last log
+  profile_start, profile_count = profile_steps(config)
+  peak = flops_lib.table_peak_tflops(jax.devices()[0].device_kind)
+  model_flops = flops_lib.train_flops_per_step(config)['total']
   preempted = False
   # On a stop, it first lets the checkpoints written before the bad step finish.
   guard = nonfinite.guard_from_config(config, before_stop=checkpointer.wait)
   with PreemptionWatcher() as watcher:
     for step in range(start + 1, config.total_steps + 1):
+      if step == profile_start:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      waited = time.time()
       local = next(data_iterator)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
                                                          (config.batch_size, *v.shape[1:]))
                for k, v in local.items()}
+      data_wait += time.time() - waited
       state, metrics = train_step(state, batch)
       metrics = guard.push(step, metrics)
+      if step == profile_start + profile_count - 1 or (
+          profile_count and step == config.total_steps and step >= profile_start):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profile_count = 0
+        logging.info('profile of steps %d-%d written to %s', profile_start, step,
+                     os.path.join(workdir, 'profile'))
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         guard.check(step)  # waits for this step, as fetching its metrics does
@@ -182,6 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         now = time.time()
         seconds_per_step = (now - last_log_time) / (step - last_log_step)
         metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
+        # Of the wall time since the last log: waiting for the next batch (input-bound near 1).
+        metrics['train/data_wait_fraction'] = data_wait / max(now - last_log_time, 1e-9)
+        if peak:  # the chip's bf16 dense peak is known (vlrep.flops.PEAK_TFLOPS)
+          metrics['train/mfu'] = model_flops / seconds_per_step / (peak * 1e12 * mesh.size)
+        data_wait = 0.0
         # Undecodable records replaced since this process started (pipeline._SkipFailed).
         metrics['data/skipped'] = pipeline.skipped_count()
         writer.write(step, metrics)
@@ -193,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpointer.save(step, state, data_iterator)
       if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
         evaluate(step)
-        last_log_time = time.time()  # evaluation time is not training speed
+        last_log_time, data_wait = time.time(), 0.0  # evaluation time is not training speed
       if watcher.should_stop(step):
         if step % config.checkpoint_every_steps and step != config.total_steps:
           guard.check(step)
