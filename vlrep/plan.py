@@ -30,14 +30,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from vlrep import flops as flops_lib
-from vlrep import sharding, train
+from vlrep import step as step_lib, train
 
 GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
 # Memory per chip (bytes) by `device_kind` substring, first match wins. Sources: Google Cloud
@@ -72,6 +71,14 @@ def chip_memory_bytes(device_kind: str) -> int | None:
 
 def target_devices(target: str, slices: int = 1) -> list[jax.Device]:
   """Compile-only devices of `target` (see the module docstring for the syntax)."""
+  try:
+    return _target_devices(target, slices)
+  except (RuntimeError, NotImplementedError) as e:  # jax's errors from libtpu / the plugin
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    raise PlanError(f'--target={target!r}: {lines[0] if lines else type(e).__name__}') from e
+
+
+def _target_devices(target: str, slices: int) -> list[jax.Device]:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   # Compile-only: no TPU is opened, so several planners (test workers) may load libtpu at once,
   # and there is no metadata server to ask.
@@ -177,8 +184,9 @@ def plan(config: ml_collections.ConfigDict, target: str, slices: int = 1) -> dic
     setup = train.setup_step(config, devices)
   except train.ConfigError as e:
     raise PlanError(str(e)) from e
+  shapes = jax.eval_shape(lambda: step_lib.example_batch(config, config.batch_size))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
-           for k, v in _abstract_batch(config).items()}
+           for k, v in shapes.items()}
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        setup.abstract_state, setup.state_shardings)
   start = time.perf_counter()
@@ -203,7 +211,7 @@ def plan(config: ml_collections.ConfigDict, target: str, slices: int = 1) -> dic
          if step_s and per_chip_peak else None)
   found, loops = collectives(compiled.as_text())
   return {
-      'target': target if slices == 1 else f'{target}x{slices}', 'device_kind': kind,
+      'target': target, 'slices': slices, 'device_kind': kind,
       'device_count': count, 'mesh': dict(setup.mesh.shape),
       'batch_size': config.batch_size, 'microbatches': int(config.microbatches),
       'remat': config.model.remat, 'scan_layers': bool(config.model.scan_layers),
@@ -218,12 +226,6 @@ def plan(config: ml_collections.ConfigDict, target: str, slices: int = 1) -> dic
       'estimated_examples_per_s': _figure(config.batch_size / step_s) if step_s else None,
       'peak_tflops_per_chip': per_chip_peak, 'loops': loops, 'collectives': found,
       'replicated': setup.replicated, 'compile_s': _figure(compile_s)}
-
-
-def _abstract_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  size, length = config.data.image_size, config.data.max_text_len
-  return {'images': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8),
-          'tokens': jax.ShapeDtypeStruct((config.batch_size, length), jnp.int32)}
 
 
 def _summary(r: dict[str, Any]) -> str:
