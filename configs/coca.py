@@ -4,6 +4,11 @@
 `base`, `large` and `giant` are the paper's Table 1 models with its pretraining recipe
 (batch 65,536, 500k steps, Adafactor, lr 8e-4, 2% warmup then linear decay, 288 px / 18 px
 patches, 64k vocabulary). Every field can be overridden with `--config.FIELD=VALUE`.
+
+`RECIPE@SIZE` (e.g. `base@tiny`) is SIZE's model, data, batch and length trained with
+RECIPE's recipe: its optimizer and schedule shape (warmup as the same fraction of the
+steps), weight decay, loss weights and dtypes. It checks on a CPU that a paper recipe
+learns, before it costs accelerator time.
 """
 
 import ml_collections
@@ -26,8 +31,27 @@ _VARIANTS = {
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  recipe, _, size = variant.partition('@')
+  if size:
+    return _with_recipe(_variant(size), _variant(recipe))
+  return _variant(variant)
+
+
+def _with_recipe(c: ml_collections.ConfigDict,
+                 recipe: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  warmup_fraction = recipe.optim.warmup_steps / recipe.total_steps
+  c.optim = recipe.optim
+  c.optim.warmup_steps = round(warmup_fraction * c.total_steps)
+  c.loss.update(contrastive_weight=recipe.loss.contrastive_weight,
+                caption_weight=recipe.loss.caption_weight)
+  c.model.update(dtype=recipe.model.dtype, param_dtype=recipe.model.param_dtype)
+  return c
+
+
+def _variant(variant: str) -> ml_collections.ConfigDict:
   if variant not in _VARIANTS:
-    raise ValueError(f'Unknown coca variant {variant!r}; known: {sorted(_VARIANTS)}')
+    raise ValueError(f'Unknown coca variant {variant!r}; known: {sorted(_VARIANTS)} '
+                     'or RECIPE@SIZE (e.g. base@tiny)')
   (image_size, patch, width, heads, vision_layers, vision_mlp, uni, multi, text_mlp, vocab,
    queries, text_len) = _VARIANTS[variant]
   demo = variant in ('tiny', 'small')

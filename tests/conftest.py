@@ -27,7 +27,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='vlrep-tests-jax-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +83,16 @@ def override_flags(config: ml_collections.ConfigDict, **changes) -> list[str]:
   tiny = dict(flat(load_config('coca').to_dict()))
   wanted = dict(flat(config.to_dict()), **changes)
   return [f'--config.{k}={v}' for k, v in wanted.items() if v != tiny[k]]
+
+
+def assert_same_params(got, want):
+  """Parameter trees equal leaf by leaf, to float rounding of the summation order (relative
+  to each leaf's scale)."""
+  flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+  for path, value in jax.tree_util.tree_leaves_with_path(want):
+    scale = float(np.max(np.abs(value)))
+    np.testing.assert_allclose(np.asarray(flat_got[path]), np.asarray(value), rtol=1e-4,
+                               atol=1e-5 * scale + 1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture

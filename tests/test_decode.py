@@ -173,6 +173,68 @@ def test_beam_search_finds_the_exhaustive_optimum(tiny_vocab, alpha, min_len):
     np.testing.assert_allclose(float(score[i]), best_score, rtol=1e-4, atol=1e-4)
 
 
+def _reference_beam_search(log_probs_of, beams, max_len, alpha):
+  """Beam search as `decode.beam_search` documents it, on uncached log-probs, without its
+  early stop (which never changes the answer): `log_probs_of(prefix)` -> masked log-probs
+  [V] of the next token. Returns (best row, its score)."""
+  divisor = lambda n: ((5 + n) / 6) ** alpha
+  live = [([BOS_ID], 0.0)]
+  pool = []
+  for t in range(1, max_len):
+    candidates = [(logp + lp, row, token) for row, logp in live
+                  for token, lp in enumerate(log_probs_of(row)) if lp > -np.inf]
+    kth = sorted((c[0] for c in candidates), reverse=True)[:beams][-1]
+    pool += [(score / divisor(t), row + [EOS_ID]) for score, row, token in candidates
+             if token == EOS_ID and score >= kth]
+    going_on = sorted((c for c in candidates if c[2] != EOS_ID), key=lambda c: -c[0])[:beams]
+    live = [(row + [token], score) for score, row, token in going_on]
+    if t == max_len - 1:
+      pool += [(score / divisor(t), row) for row, score in live]
+    pool = sorted(pool, key=lambda p: -p[0])[:beams]
+  score, row = pool[0]
+  return np.array(row + [PAD_ID] * (max_len - len(row))), score
+
+
+@pytest.mark.parametrize('beams, alpha, min_len', [(2, 0.0, 0), (2, 1.5, 1), (3, 0.6, 0)])
+def test_narrow_beam_search_prunes_as_documented(tiny_vocab, beams, alpha, min_len):
+  """A beam of 2 or 3 over 5 words x 4 positions (625 rows) drops candidates at every step;
+  the rows kept, the pool of finished ones and the answer follow the reference."""
+  model, decoder, params, context = tiny_vocab
+  max_len = 5
+  got, score = decode.beam_search(decoder, params, context, max_len, beam_size=beams,
+                                  length_penalty=alpha, min_len=min_len, return_scores=True)
+  full = _full_logits(model)
+  for i in range(len(context)):
+    def log_probs_of(prefix):
+      row = np.full((1, max_len), PAD_ID, np.int32)
+      row[0, :len(prefix)] = prefix
+      logits = full(params, jnp.asarray(row), context[i:i + 1])
+      return _masked_log_probs(np.asarray(logits), min_len)[0, len(prefix) - 1]
+    want_row, want_score = _reference_beam_search(log_probs_of, beams, max_len, alpha)
+    np.testing.assert_array_equal(np.asarray(got)[i], want_row)
+    np.testing.assert_allclose(float(score[i]), want_score, rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_pads_with_the_model_pad_id():
+  """With text.pad_id=4, rows end in 4s after EOS, 4 is never generated, and 0 is an
+  ordinary token that may be."""
+  config = shrink(load_config('coca'))
+  config.model.text.pad_id = 4
+  _, decoder, params, context = _setup(config, 12, eos_bias=2.0)
+  rows = np.asarray(decode.greedy(decoder, params, context, 12))
+  beam = np.asarray(decode.beam_search(decoder, params, context, 12, beam_size=2))
+  for row in (*rows, *beam):
+    end = np.flatnonzero(row == EOS_ID)
+    assert len(end), row  # the EOS bias makes every row end
+    assert (row[end[0] + 1:] == 4).all() and not (row[:end[0]] == 4).any(), row
+
+
+def test_decoding_past_the_model_text_length_is_refused(tiny):
+  _, decoder, params, context = tiny
+  with pytest.raises(ValueError, match=r'max_len=13 exceeds .* data.max_text_len=12'):
+    decode.greedy(decoder, params, context, 13)
+
+
 def test_sampling_limits_are_greedy(tiny):
   _, decoder, params, context = tiny
   greedy = np.asarray(decode.greedy(decoder, params, context, 12))

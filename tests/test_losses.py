@@ -143,38 +143,47 @@ def test_ring_compiles_to_less_memory_than_gather():
   assert temp['ring'] * 3 < temp['gather'], temp
 
 
-def test_caption_loss_ignores_padding():
+@pytest.mark.parametrize('pad_id', [0, 8])
+def test_caption_loss_ignores_padding(pad_id):
+  """Targets equal to the pad id weigh nothing, and only those: with pad id 8, token 0 is
+  an ordinary target."""
   rng = np.random.default_rng(1)
-  tokens = np.array([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]], np.int32)
+  tokens = np.array([[1, 5, 0, 2, 0, 0], [1, 7, 2, 0, 0, 0]], np.int32)
+  tokens[:, 3:] = np.where(tokens[:, 3:] == 0, pad_id, tokens[:, 3:])
   logits = rng.normal(size=(2, 5, 9)).astype(np.float32)
   logp = _log_softmax(logits, axis=-1)
   targets = tokens[:, 1:]
-  terms = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(5) if targets[b, t] != 0]
-  got = losses.caption_loss(jnp.asarray(logits), jnp.asarray(tokens))
+  terms = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(5)
+           if targets[b, t] != pad_id]
+  assert len(terms) == (4 if pad_id == 0 else 5)
+  got = losses.caption_loss(jnp.asarray(logits), jnp.asarray(tokens), pad_id)
   assert float(got) == pytest.approx(np.mean(terms), rel=1e-5)
   # Logits at padded targets do not matter.
   logits[0, 4] += 100.0
-  logits[1, 2:] -= 50.0
-  assert float(losses.caption_loss(jnp.asarray(logits), jnp.asarray(tokens))) == pytest.approx(
-      np.mean(terms), rel=1e-5)
+  logits[1, 3:] -= 50.0
+  assert float(losses.caption_loss(jnp.asarray(logits), jnp.asarray(tokens), pad_id)) == \
+      pytest.approx(np.mean(terms), rel=1e-5)
 
 
-def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient():
+@pytest.mark.parametrize('pad_id', [0, 5])
+def test_chunked_caption_loss_equals_the_plain_loss_and_its_gradient(pad_id):
   rng = np.random.default_rng(2)
   batch, length, width, vocab = 3, 10, 8, 37
-  tokens = rng.integers(3, vocab, (batch, length)).astype(np.int32)
-  tokens[0, 6:] = 0  # padding: its positions must weigh nothing in either loss
-  tokens[2, 3:] = 0
+  tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+  tokens[tokens == pad_id] = pad_id + 1
+  tokens[0, 6:] = pad_id  # padding: its positions must weigh nothing in either loss
+  tokens[2, 3:] = pad_id
   features = jnp.asarray(rng.normal(size=(batch, length - 1, width)), jnp.float32)
   head = {'kernel': jnp.asarray(rng.normal(size=(width, vocab)), jnp.float32),
           'bias': jnp.asarray(rng.normal(size=(vocab,)), jnp.float32)}
   apply_head = lambda h, x: x @ h['kernel'] + h['bias']
 
   def plain(features, head):
-    return losses.caption_loss(apply_head(head, features), jnp.asarray(tokens))
+    return losses.caption_loss(apply_head(head, features), jnp.asarray(tokens), pad_id)
 
   def chunked(features, head, chunk):
-    return losses.chunked_caption_loss(features, jnp.asarray(tokens), apply_head, head, chunk)
+    return losses.chunked_caption_loss(features, jnp.asarray(tokens), apply_head, head, chunk,
+                                       pad_id)
 
   value_and_grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
   want, want_grads = value_and_grad(lambda f, h, _: plain(f, h))(features, head, 0)

@@ -71,3 +71,8 @@ def test_caption_rejects_unknown_methods_and_options(captioner):
     captioner.caption(images, method='nucleus')
   with pytest.raises(ValueError, match='beam_size'):
     captioner.caption(images, method='sample', beam_size=2)
+  limit = captioner.config.data.max_text_len
+  for method in ('greedy', 'beam', 'sample'):
+    with pytest.raises(ValueError, match=f'max_len={limit + 1} exceeds .* '
+                                         f'data.max_text_len={limit}'):
+      captioner.caption(images, max_len=limit + 1, method=method)

@@ -1,11 +1,12 @@
 """The train step: real updates lower the loss; state created in its shardings."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from vlrep import sharding, step
+from vlrep import losses, sharding, step
 from vlrep.data import pipeline
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
@@ -57,8 +58,9 @@ def test_microbatches_keep_every_negative(config, contrastive_type, impl, mesh):
   config.mesh.update(mesh)
   config.loss.update(contrastive_type=contrastive_type, contrastive_impl=impl)
   batch = next(iter(pipeline.train_dataset(config, 0, 1)))
-  # Plain SGD, so that the update is the gradient itself (Adam's first step is ~sign(grad)).
-  sgd = optax.sgd(0.5)
+  # Plain SGD, so that the update is the gradient itself (Adam's first step is ~sign(grad));
+  # with a schedule, whose count the step reads for the rate it logs.
+  sgd = optax.sgd(lambda count: 0.5)
   state, _ = _state(config)
   state = state.replace(tx=sgd, opt_state=sgd.init(state.params))
   results = {k: jax.jit(step.train_step)(state.replace(microbatches=k), batch) for k in (1, 4)}
@@ -99,3 +101,107 @@ def test_chunked_caption_loss_gives_the_unchunked_losses_and_gradients(config, m
   assert float(np.abs(grads0['text_decoder']['output_head']['kernel']).max()) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                grads5, grads0)
+
+
+def _sgd_state(config, learning_rate, devices=None):
+  """The config's state with plain SGD (its schedule constant), so an update is -lr * grad."""
+  state, _ = _state(config, devices or jax.devices()[:1])
+  sgd = optax.sgd(lambda count: learning_rate)
+  return state.replace(tx=sgd, opt_state=sgd.init(state.params))
+
+
+@pytest.mark.parametrize('learning_rate', [0.5, -0.5])
+def test_temperature_at_its_bound_stays_trainable_and_clamped(config, learning_rate):
+  """A log-scale sitting at ln 100 still has a gradient: descending it (the loss of a
+  random model wants a lower scale) moves it below the bound; ascending stays clamped at
+  exactly ln 100."""
+  config.mesh.update(data=1)
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  state = _sgd_state(config, learning_rate)
+  bound = np.float32(np.log(100.0))
+  state = state.replace(params={**state.params, 'logit_scale': jnp.asarray(bound)})
+  grad = jax.grad(lambda p: step.compute_losses(state.model, p, batch, state.loss_config)[0])(
+      state.params)['logit_scale']
+  assert float(grad) > 1e-3  # live at the bound (exp(min(x, ln 100)) would give 0 here)
+  after, metrics = jax.jit(step.train_step)(state, batch)
+  if learning_rate > 0:
+    want = bound - learning_rate * float(grad)
+    assert float(after.params['logit_scale']) == pytest.approx(want, rel=1e-5)
+  else:
+    assert float(after.params['logit_scale']) == bound
+  assert float(metrics['train/logit_scale']) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_logged_learning_rate_is_the_rate_applied_after_skipped_steps(config):
+  """A skipped (non-finite) step does not advance the optimizer, so the next update applies
+  the rate of the count before it, and that is what `train/learning_rate` says."""
+  config.optim.update(learning_rate=1e-2, warmup_steps=10)
+  config.total_steps = 100
+  config.mesh.update(data=1)
+  state, _ = _state(config, jax.devices()[:1])
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  train_step = jax.jit(step.train_step)
+  state, first = train_step(state, batch)
+  nan = state.params['logit_scale'] * np.nan
+  bad = state.replace(params={**state.params, 'logit_scale': nan})
+  skipped, second = train_step(bad, batch)
+  assert not bool(second['train/finite'])
+  good = skipped.replace(params=state.params)
+  assert int(good.step) == 2
+  _, third = train_step(good, batch)
+  schedule = state.learning_rate_fn
+  assert float(first['train/learning_rate']) == float(schedule(0)) == 0.0
+  assert float(third['train/learning_rate']) == pytest.approx(float(schedule(1)))  # not (2)
+  assert float(schedule(1)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize('chunk', [0, 5])
+def test_bfloat16_caption_loss_reads_float32_logits(config, chunk):
+  """With model.dtype=bfloat16 the caption loss is the float32 cross-entropy of the output
+  head applied in float32 to the bfloat16 features (bfloat16-rounded logits over this
+  vocabulary change the loss by ~1e-4, 30x this tolerance), chunked or not."""
+  config.model.dtype = 'bfloat16'
+  config.loss.caption_chunk = chunk
+  config.mesh.update(data=1)
+  state, _ = _state(config, jax.devices()[:1])
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+
+  def both(params):
+    _, metrics = step.compute_losses(state.model, params, batch, state.loss_config)
+    features = state.model.apply({'params': params}, batch['images'], batch['tokens'],
+                                 caption_features=True)['caption_features']
+    head = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32),
+                        params['text_decoder']['output_head'])
+    logits = features.astype(jnp.float32) @ head['kernel'] + head['bias']
+    pad_id = state.model.text_decoder.pad_id
+    return (metrics['caption_loss'], losses.caption_loss(logits, batch['tokens'], pad_id),
+            losses.caption_loss(logits.astype(jnp.bfloat16), batch['tokens'], pad_id))
+
+  got, want, rounded = jax.jit(both)(state.params)
+  assert float(got) == pytest.approx(float(want), rel=1e-6, abs=3e-6)
+  assert abs(float(rounded) - float(want)) > 3e-5  # what the tolerance is there to catch
+
+
+@pytest.mark.parametrize('chunk, microbatches', [(0, 1), (5, 1), (0, 2)])
+def test_the_model_pad_id_is_the_one_the_losses_skip(config, chunk, microbatches):
+  """A model with text.pad_id=4 on batches padded with 4 trains exactly as pad id 0 on the
+  same batches padded with 0: the losses and every gradient agree (a step that skipped a
+  hard-coded 0 would count the 4s as caption targets)."""
+  config.loss.caption_chunk = chunk
+  config.mesh.update(data=1)
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  tokens = np.asarray(batch['tokens'])
+  assert (tokens == 0).any() and not (tokens == 4).any()
+  results = {}
+  for pad_id in (0, 4):
+    config.model.text.pad_id = pad_id
+    state, _ = _state(config, jax.devices()[:1])
+    sgd = optax.sgd(lambda count: 1.0)
+    state = state.replace(tx=sgd, opt_state=sgd.init(state.params), microbatches=microbatches)
+    padded = dict(batch, tokens=jnp.asarray(np.where(tokens == 0, pad_id, tokens)))
+    results[pad_id] = jax.jit(step.train_step)(state, padded)
+  (zero, zero_metrics), (four, four_metrics) = results[0], results[4]
+  for key in ('train/caption_loss', 'train/contrastive_loss', 'train/grad_norm'):
+    np.testing.assert_allclose(four_metrics[key], zero_metrics[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               four.params, zero.params)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vlrep
-from conftest import REPO, override_flags
+from conftest import REPO, assert_same_params, override_flags
 from vlrep import checkpoint, nonfinite, train
 
 
@@ -112,6 +112,10 @@ def test_load_on_another_device_count(trained):
     ('loss.contrastive_type', 'hinge', 'loss.contrastive_type'),
     ('evals.captioning.methods', ('greedy', 'bem'), "evals.captioning.methods: 'bem'"),
     ('evals.zeroshot_colour.label_key', 'labels/hue', "no label 'labels/hue'"),
+    ('evals.captioning.max_len', 25, 'evals.captioning.max_len=25 exceeds .* '
+     'data.max_text_len=24'),
+    ('model.text.pad_id', 3, "model.text.pad_id=3, but the 'bytes' tokenizer pads with 0"),
+    ('optim.factor_min_dim', 64, "optim.factor_min_dim=64 applies to optim.name='adafactor'"),
 ])
 def test_bad_config_fails_before_anything_runs(config, tmp_path, field, value, message):
   section, _, name = field.rpartition('.')
@@ -132,12 +136,15 @@ def _train_losses(config, workdir, devices=None) -> list[float]:
 
 @pytest.mark.parametrize('mesh', [{'data': 8}, {'data': 2, 'fsdp': 4},
                                   {'data': 2, 'fsdp': 2, 'tensor': 2}])
-def test_every_mesh_gives_the_losses_of_one_device(one_device_losses, tmp_path, mesh):
-  config, expected = one_device_losses
+def test_every_mesh_trains_like_one_device(one_device_losses, tmp_path, mesh):
+  """The same losses at every step and, after 3 updates at non-zero learning rates, the same
+  value of every parameter."""
+  config, expected, expected_params = one_device_losses
   config = config.copy_and_resolve_references()
   config.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
   losses = _train_losses(config, str(tmp_path))
   np.testing.assert_allclose(losses, expected, rtol=2e-4)
+  assert_same_params(vlrep.load(str(tmp_path)).params, expected_params)
 
 
 @pytest.mark.parametrize('mesh, devices', [({'data': 2, 'fsdp': 4}, 8), ({'data': -1}, 4)])
@@ -164,10 +171,13 @@ def one_device_losses(tmp_path_factory):
   config = load_config('coca')
   config.update(batch_size=16, total_steps=3, log_every_steps=1, checkpoint_every_steps=100,
                 eval_every_steps=0)
+  config.optim.warmup_steps = 0  # every update, the first included, at a non-zero rate
   config.mesh.update(data=1, fsdp=1, tensor=1)
-  losses = _train_losses(config, str(tmp_path_factory.mktemp('one')), jax.devices()[:1])
+  workdir = str(tmp_path_factory.mktemp('one'))
+  losses = _train_losses(config, workdir, jax.devices()[:1])
   assert len(losses) == 3
-  return config, losses
+  assert losses[2] < losses[0] - 0.01, losses  # the updates changed the model
+  return config, losses, vlrep.load(workdir).params
 
 
 def _checkpoint_entries(workdir):

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from vlrep.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from vlrep.data.tokenizer import BOS_ID, EOS_ID
 from vlrep.models.coca import CoCa
 
 NEG_INF = -1e30  # finite, so that masked rows never turn log-softmax into NaN
@@ -45,6 +45,10 @@ def _cache_shapes(decoder: CoCa, caption_tokens: Any, max_len: int) -> Any:
 def init_cache(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: int) -> Any:
   """Zeroed caches sized for `max_len` positions and this batch."""
   del params  # the cache's shapes depend only on the module and the inputs
+  if max_len > decoder.text_decoder.max_len:
+    # Past it there is no position embedding (a dynamic slice would repeat the last one).
+    raise ValueError(f'max_len={max_len} exceeds the text length the model was built for, '
+                     f'data.max_text_len={decoder.text_decoder.max_len}')
   shapes = _cache_shapes(decoder, caption_tokens, max_len)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -76,8 +80,8 @@ def _step(decoder: CoCa, params: Any, cache: Any, token: jax.Array,
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, position: jax.Array, min_len: int,
-                   repetition_penalty: float, eos_id: int = EOS_ID,
-                   bos_id: int = BOS_ID) -> jax.Array:
+                   repetition_penalty: float, eos_id: int, bos_id: int,
+                   pad_id: int) -> jax.Array:
   """The logits every method decodes from: specials masked, min_len, repetition penalty.
 
   logits [N, V]; seen bool [N, V] (tokens generated so far); `position` is the index in the
@@ -86,7 +90,7 @@ def process_logits(logits: jax.Array, seen: jax.Array, position: jax.Array, min_
   penalised = jnp.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
   logits = jnp.where(seen, penalised, logits)
   vocab = jnp.arange(logits.shape[-1])
-  banned = (vocab == PAD_ID) | (vocab == bos_id)
+  banned = (vocab == pad_id) | (vocab == bos_id)
   banned = banned | ((vocab == eos_id) & (position <= min_len))
   return jnp.where(banned, NEG_INF, logits)
 
@@ -99,9 +103,9 @@ def _left_to_right(decoder: CoCa, params: Any, context: jax.Array, max_len: int,
                    choose: Callable[[jax.Array, jax.Array], jax.Array], min_len: int,
                    repetition_penalty: float, eos_id: int, bos_id: int) -> jax.Array:
   """One hypothesis per row: `choose(processed logits [B, V], position) -> tokens [B]`."""
-  batch = context.shape[0]
+  batch, pad_id = context.shape[0], decoder.text_decoder.pad_id
   cache = init_cache(decoder, params, context, max_len)
-  out = jnp.full((batch, max_len), PAD_ID, jnp.int32).at[:, 0].set(bos_id)
+  out = jnp.full((batch, max_len), pad_id, jnp.int32).at[:, 0].set(bos_id)
   cache, logits = _step(decoder, params, cache, out[:, :1], context)
   seen = jnp.zeros(logits.shape, bool)
   done = jnp.zeros((batch,), bool)
@@ -112,8 +116,9 @@ def _left_to_right(decoder: CoCa, params: Any, context: jax.Array, max_len: int,
 
   def body(carry):
     t, cache, out, logits, seen, done = carry
-    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id)
-    token = jnp.where(done, PAD_ID, choose(logits, t).astype(jnp.int32))
+    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id,
+                            pad_id)
+    token = jnp.where(done, pad_id, choose(logits, t).astype(jnp.int32))
     out = out.at[:, t].set(token)
     done = done | (token == eos_id)
     cache, logits = _step(decoder, params, cache, token[:, None], None)
@@ -224,7 +229,8 @@ def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: 
           'context_'),
       axes, is_leaf=lambda x: x is None)
 
-  seqs = jnp.full((batch, beams, max_len), PAD_ID, jnp.int32).at[..., 0].set(bos_id)
+  pad_id = decoder.text_decoder.pad_id
+  seqs = jnp.full((batch, beams, max_len), pad_id, jnp.int32).at[..., 0].set(bos_id)
   # Only beam 0 is live at first, so the first expansion yields distinct tokens.
   logp = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, NEG_INF), (batch, 1))
   seen = jnp.zeros((rows, vocab), bool)
@@ -246,7 +252,8 @@ def beam_search(decoder: CoCa, params: Any, caption_tokens: jax.Array, max_len: 
 
   def body(carry):
     t, cache, logits, seqs, logp, seen, pool_seqs, pool_scores = carry
-    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id)
+    logits = process_logits(logits, seen, t, min_len, repetition_penalty, eos_id, bos_id,
+                            pad_id)
     token_logp = jax.nn.log_softmax(logits, axis=-1).reshape(batch, beams, vocab)
     candidates = logp[..., None] + token_logp
     divisor = length_penalty_divisor(t.astype(jnp.float32), length_penalty)

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vlrep.data.tokenizer import PAD_ID
 
 CONTRASTIVE_TYPES = ('softmax', 'sigmoid')
 CONTRASTIVE_IMPLS = ('gather', 'ring')
@@ -202,21 +201,23 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, num_shards):
   return jax.lax.psum(total, axes)
 
 
-def caption_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+def caption_loss(logits: jax.Array, tokens: jax.Array, pad_id: int) -> jax.Array:
   """Next-token cross-entropy averaged over non-padding targets of the whole batch.
 
-  logits: [B, L-1, V] where logits[:, t] predicts tokens[:, t + 1]; tokens: int32 [B, L].
+  logits: [B, L-1, V] where logits[:, t] predicts tokens[:, t + 1]; tokens: int32 [B, L];
+  targets equal to `pad_id` (the model's `model.text.pad_id`) weigh nothing.
   """
   targets = tokens[:, 1:]
-  weights = (targets != PAD_ID).astype(jnp.float32)
+  weights = (targets != pad_id).astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return jnp.sum(xent * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def chunked_caption_loss(features: jax.Array, tokens: jax.Array,
                          head: Callable[[Any, jax.Array], jax.Array], head_params: Any,
-                         chunk: int) -> jax.Array:
-  """`caption_loss(head(head_params, features), tokens)` without the [B, L-1, V] logits.
+                         chunk: int, pad_id: int) -> jax.Array:
+  """`caption_loss(head(head_params, features), tokens, pad_id)` without the [B, L-1, V]
+  logits.
 
   features: [B, L-1, W], the caption features before the output head; head: (head_params,
   features [B, c, W]) -> logits [B, c, V] (any dtype; the loss is taken in float32); chunk:
@@ -235,40 +236,44 @@ def chunked_caption_loss(features: jax.Array, tokens: jax.Array,
   if features.shape[:2] != (batch, length):
     raise ValueError(f'caption features {features.shape} do not match the {length} targets '
                      f'of tokens {tokens.shape}')
-  count = jnp.maximum(jnp.sum(targets != PAD_ID), 1).astype(jnp.float32)
+  weights = (targets != pad_id).astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
   chunk = min(chunk, length)
   slices = -(-length // chunk)
-  pad = slices * chunk - length  # padded positions get PAD targets, which weigh nothing
+  pad = slices * chunk - length  # padded positions weigh nothing
   features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=PAD_ID)
+  targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
   features = features.reshape(batch, slices, chunk, -1).swapaxes(0, 1)
-  targets = targets.reshape(batch, slices, chunk).swapaxes(0, 1)
-  return _sliced_xent_sum(head, features, head_params, targets) / count
+  targets, weights = (x.reshape(batch, slices, chunk).swapaxes(0, 1) for x in (targets, weights))
+  return _sliced_xent_sum(head, features, head_params, targets, weights) / count
 
 
-def _slice_xent_sum(head, params, x: jax.Array, targets: jax.Array) -> jax.Array:
+def _slice_xent_sum(head, params, x: jax.Array, targets: jax.Array,
+                    weights: jax.Array) -> jax.Array:
   xent = optax.softmax_cross_entropy_with_integer_labels(head(params, x).astype(jnp.float32),
                                                          targets)
-  return jnp.sum(jnp.where(targets != PAD_ID, xent, 0.0))
+  return jnp.sum(xent * weights)
 
 
 # A custom VJP because JAX's own would either keep every slice's logits for the backward
 # pass or (rematerialised) run the head's forward a second time.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sliced_xent_sum(head, features: jax.Array, params: Any, targets: jax.Array) -> jax.Array:
-  """Summed cross-entropy of slices features [S, B, c, W] with targets [S, B, c]."""
+def _sliced_xent_sum(head, features: jax.Array, params: Any, targets: jax.Array,
+                     weights: jax.Array) -> jax.Array:
+  """Summed weighted cross-entropy of slices features [S, B, c, W] with targets and
+  weights [S, B, c]."""
   def accumulate(total, xs):
     return total + _slice_xent_sum(head, params, *xs), None
 
-  total, _ = jax.lax.scan(accumulate, jnp.zeros((), jnp.float32), (features, targets))
+  total, _ = jax.lax.scan(accumulate, jnp.zeros((), jnp.float32), (features, targets, weights))
   return total
 
 
-def _sliced_xent_sum_forward(head, features, params, targets):
+def _sliced_xent_sum_forward(head, features, params, targets, weights):
   def accumulate(carry, xs):
     total, params_grad = carry
-    x, t = xs
-    value, vjp = jax.vjp(lambda x, p: _slice_xent_sum(head, p, x, t), x, params)
+    x, t, w = xs
+    value, vjp = jax.vjp(lambda x, p: _slice_xent_sum(head, p, x, t, w), x, params)
     x_grad, slice_params_grad = vjp(jnp.ones_like(value))
     params_grad = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), params_grad,
                                slice_params_grad)
@@ -277,7 +282,7 @@ def _sliced_xent_sum_forward(head, features, params, targets):
   # Summed over slices in float32 whatever the parameters' dtype.
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   (total, params_grad), features_grad = jax.lax.scan(
-      accumulate, (jnp.zeros((), jnp.float32), zeros), (features, targets))
+      accumulate, (jnp.zeros((), jnp.float32), zeros), (features, targets, weights))
   params_grad = jax.tree.map(lambda g, p: g.astype(p.dtype), params_grad, params)
   return total, (features_grad, params_grad)
 
@@ -285,7 +290,7 @@ def _sliced_xent_sum_forward(head, features, params, targets):
 def _sliced_xent_sum_backward(head, residuals, grad):
   features_grad, params_grad = residuals
   scale = lambda g: (g * grad).astype(g.dtype)
-  return scale(features_grad), jax.tree.map(scale, params_grad), None
+  return scale(features_grad), jax.tree.map(scale, params_grad), None, None
 
 
 _sliced_xent_sum.defvjp(_sliced_xent_sum_forward, _sliced_xent_sum_backward)

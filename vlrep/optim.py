@@ -1,5 +1,13 @@
 """The optimizer from `config.optim`: AdamW or Adafactor, warmup + cosine/linear decay,
-weight decay masked off biases, norms and the temperature, global-norm gradient clipping.
+decoupled weight decay of the matrices, global-norm gradient clipping.
+
+Both optimizers are one chain with the same tail, so that each field means one thing for
+both: clip the gradients -> the optimizer's own preconditioning -> add
+`weight_decay * param` on the decayed leaves -> scale by `-learning_rate(t)`. The decay is
+therefore decoupled and scheduled (`param -= lr(t) * weight_decay * param` each step, as
+`optax.adamw` and open_clip do) for Adafactor as well; `optax.adafactor`'s own
+`weight_decay_rate` is applied after the learning rate and would decay by the full
+`weight_decay` every step, whatever the schedule.
 """
 
 from __future__ import annotations
@@ -7,11 +15,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 OPTIMIZERS = ('adamw', 'adafactor')
 DECAYS = ('cosine', 'linear')
+# Adafactor's exponent of its second-moment decay 1 - (t + 1) ** -0.8 (Shazeer & Stern 2018).
+ADAFACTOR_DECAY_EXPONENT = 0.8
+# The value of `optim.factor_min_dim` that AdamW (which has nothing to factor) accepts.
+DEFAULT_FACTOR_MIN_DIM = 128
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -28,34 +41,73 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
       [optax.linear_schedule(0.0, optim.learning_rate, max(warmup, 1)), decay], [warmup])
 
 
-# Parameters left undecayed, by leaf name: biases, LayerNorm scales, the [CLS] vector and the
-# contrastive temperature and bias. By name rather than by rank, so that a scanned stack
-# (`model.scan_layers`), whose leaves gain a leading `layers` axis, decays the same ones.
-NO_DECAY = ('bias', 'scale', 'cls_embed', 'logit_scale', 'logit_bias')
+# The decayed leaves are the matrices, as in open_clip (rank >= 2, norms excepted): dense
+# and convolution kernels, token and position embeddings, and the poolers' queries. Vectors
+# and scalars are not: biases, LayerNorm scales, LayerScale gammas, the class and [CLS]
+# vectors, the temperature and the sigmoid bias. By leaf name rather than by rank, so that
+# a scanned stack (`model.scan_layers`), whose leaves gain a leading `layers` axis, decays
+# the same ones (tests/test_optim.py checks the names against the ranks on every
+# parameter of the model).
+DECAYED = ('kernel', 'embedding', 'pos_embed', 'queries')
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for matrices and embeddings; False for biases, norm scales and the temperature."""
+  """True for the leaves that weight decay shrinks (see `DECAYED`)."""
   def decays(path, _) -> bool:
-    return getattr(path[-1], 'key', None) not in NO_DECAY
+    return getattr(path[-1], 'key', None) in DECAYED
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adafactor_decay_rate(step: jax.Array, b2: float) -> jax.Array:
+  """Adafactor's second-moment decay at `step` (0-based), capped at `b2`:
+  min(1 - (step + 1) ** -0.8, b2), big_vision's `beta2_cap` (the CoCa paper's b2 = 0.999)."""
+  t = jnp.asarray(step + 1, jnp.float32)
+  return jnp.minimum(1.0 - t ** (-ADAFACTOR_DECAY_EXPONENT), b2)
+
+
+def _preconditioner(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  factor_min_dim = int(optim.get('factor_min_dim', DEFAULT_FACTOR_MIN_DIM))  # older configs
+  if optim.name == 'adamw':
+    if factor_min_dim != DEFAULT_FACTOR_MIN_DIM:
+      raise ValueError(f'optim.factor_min_dim={factor_min_dim} applies to '
+                       "optim.name='adafactor' only; AdamW has no factored moments")
+    return optax.scale_by_adam(b1=optim.b1, b2=optim.b2)
+  if optim.name == 'adafactor':
+    if not 0.0 < optim.b2 < 1.0:
+      raise ValueError(f'optim.b2={optim.b2}: Adafactor caps its second-moment decay at b2, '
+                       'which must be in (0, 1)')
+    b2 = float(optim.b2)
+    # Factored second moments (their two largest dimensions, when the smaller is at least
+    # factor_min_dim), update clipping at RMS 1 and momentum b1, as optax.adafactor without
+    # its parameter-scale multiplier; the decay of the second moments is capped at b2.
+    return optax.chain(
+        optax.scale_by_factored_rms(
+            decay_rate=ADAFACTOR_DECAY_EXPONENT, min_dim_size_to_factor=factor_min_dim,
+            decay_rate_fn=lambda step, _: adafactor_decay_rate(step, b2)),
+        optax.clip_by_block_rms(1.0),
+        optax.ema(optim.b1, debias=False))
+  raise ValueError(f'optim.name={optim.name!r}; expected one of {OPTIMIZERS}')
 
 
 def make_optimizer(optim: ml_collections.ConfigDict,
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule)."""
   schedule = learning_rate_schedule(optim, total_steps)
-  if optim.name == 'adamw':
-    update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
-                         weight_decay=optim.weight_decay, mask=weight_decay_mask)
-  elif optim.name == 'adafactor':
-    # Factored second moments: with the 0.9 momentum the state is ~1.3x the parameters at
-    # factor_min_dim 128 and ~1.0x at 64, against AdamW's 2x (benchmarks/optimizer_memory.py);
-    # b2 is Adafactor's own 1 - t^-0.8 schedule rather than a constant.
-    update = optax.adafactor(schedule, momentum=optim.b1, multiply_by_parameter_scale=False,
-                             min_dim_size_to_factor=optim.get('factor_min_dim', 128),
-                             weight_decay_rate=optim.weight_decay,
-                             weight_decay_mask=weight_decay_mask)
-  else:
-    raise ValueError(f'optim.name={optim.name!r}; expected one of {OPTIMIZERS}')
+  # Nested as optax.adamw's chain is, so that AdamW's state keeps the layout of
+  # checkpoints written when this was optax.adamw.
+  update = optax.chain(_preconditioner(optim),
+                       optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
+                       optax.scale_by_learning_rate(schedule))
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), update), schedule
+
+
+def applied_learning_rate(opt_state: Any, schedule: optax.Schedule) -> jax.Array:
+  """The learning rate that the next update from `opt_state` applies: the schedule at the
+  optimizer's own step count, which skipped (non-finite) steps do not advance."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  if len(counts) != 1:
+    raise ValueError(f'expected one learning-rate schedule in the optimizer state, found '
+                     f'{len(counts)}')
+  return schedule(counts[0])

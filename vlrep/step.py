@@ -26,9 +26,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlrep import losses, sharding
-from vlrep.data.tokenizer import PAD_ID
-from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, compute_dtype
+from vlrep import losses, optim, sharding
+from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
 # train_step's metric that says whether the step's loss and gradients were all finite (and so
@@ -99,15 +98,15 @@ def output_head(model: CoCa, params: Any) -> tuple[Callable[[Any, jax.Array], ja
 def _forward(model: CoCa, params: Any, batch: Batch,
              loss_config: LossConfig) -> tuple[dict[str, jax.Array], jax.Array]:
   """The model's outputs and its caption loss (0 without multimodal layers)."""
-  chunk = loss_config.caption_chunk
+  chunk, pad_id = loss_config.caption_chunk, model.text_decoder.pad_id
   out = model.apply({'params': params}, batch['images'], batch['tokens'],
                     caption_features=chunk > 0)
   if 'caption_features' in out:
     head, head_params = output_head(model, params)
     caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head,
-                                          head_params, chunk)
+                                          head_params, chunk, pad_id)
   elif 'caption_logits' in out:
-    caption = losses.caption_loss(out['caption_logits'], batch['tokens'])
+    caption = losses.caption_loss(out['caption_logits'], batch['tokens'], pad_id)
   else:
     caption = jnp.zeros((), jnp.float32)
   return out, caption
@@ -163,7 +162,8 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   #    d(loss)/d(embedding) . d(embedding)/d(params), plus the microbatch's share of the
   #    caption loss (a mean over the non-padding targets of the whole batch).
   has_caption = bool(model.text_decoder.multimodal_layers)
-  targets = jnp.maximum(jnp.sum(batch['tokens'][:, 1:] != PAD_ID), 1).astype(jnp.float32)
+  pad_id = model.text_decoder.pad_id
+  targets = jnp.maximum(jnp.sum(batch['tokens'][:, 1:] != pad_id), 1).astype(jnp.float32)
 
   def accumulate(carry, xs):
     mb, image_grad, text_grad = xs
@@ -174,7 +174,7 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
                                            jnp.sum(out['text_emb'] * text_grad))
       caption_sum = jnp.zeros((), jnp.float32)
       if has_caption:
-        count = jnp.sum(mb['tokens'][:, 1:] != PAD_ID).astype(jnp.float32)
+        count = jnp.sum(mb['tokens'][:, 1:] != pad_id).astype(jnp.float32)
         caption_sum = caption * count
       return value + config.caption_weight * caption_sum / targets, caption_sum
 
@@ -196,9 +196,12 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     (_, metrics), grads = grad_fn(state.model, state.params, batch, state.loss_config,
                                   state.mesh)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = clamp_temperature(optax.apply_updates(state.params, updates))
+  # The rate this update applied: the optimizer's count, which skipped steps do not advance,
+  # not `state.step`, which they do.
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                 learning_rate=state.learning_rate_fn(state.step))
+                 learning_rate=optim.applied_learning_rate(state.opt_state,
+                                                           state.learning_rate_fn))
   # A non-finite loss or gradient drops the whole update: parameters and optimizer state stay
   # as they were (the step counter still advances past the batch). The loop decides, from
   # `train/finite`, whether to go on (config.nan_policy, vlrep.nonfinite). Written here

@@ -41,10 +41,15 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before anything compiles, on values that cannot work together."""
-  vocab = get_tokenizer(config.data.tokenizer).vocab_size
-  if config.model.text.vocab_size < vocab:
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  if config.model.text.vocab_size < tokenizer.vocab_size:
     raise ValueError(f'model.text.vocab_size={config.model.text.vocab_size} is smaller than the '
-                     f'{config.data.tokenizer!r} tokenizer vocabulary ({vocab})')
+                     f'{config.data.tokenizer!r} tokenizer vocabulary ({tokenizer.vocab_size})')
+  # The model's pad id is what the losses, the step and decoding skip; the tokenizer's is
+  # what the data pads with.
+  if config.model.text.pad_id != tokenizer.pad_id:
+    raise ValueError(f'model.text.pad_id={config.model.text.pad_id}, but the '
+                     f'{config.data.tokenizer!r} tokenizer pads with {tokenizer.pad_id}')
   for field in ('total_steps', 'log_every_steps', 'checkpoint_every_steps'):
     if config[field] <= 0:
       raise ValueError(f'{field} must be positive, got {config[field]}')
@@ -57,6 +62,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss[field] not in allowed:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
   nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
+  make_optimizer(config.optim, config.total_steps)  # raises on a field it would ignore
   profile_steps(config)
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:

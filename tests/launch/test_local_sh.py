@@ -18,12 +18,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, override_flags, shrink
+import vlrep
+from conftest import REPO, assert_same_params, load_config, override_flags, shrink
 from vlrep import train
 
+# warmup 0: every update, the first included, runs at a non-zero learning rate.
 OVERRIDES = {'batch_size': 16, 'total_steps': 4, 'log_every_steps': 1,
              'checkpoint_every_steps': 2, 'eval_every_steps': 2, 'data.eval_examples': 16,
-             'eval_batch_size': 8}
+             'eval_batch_size': 8, 'optim.warmup_steps': 0}
 
 
 def _config():
@@ -51,11 +53,11 @@ def single_process(tmp_path_factory):
   config = _config()
   workdir = str(tmp_path_factory.mktemp('single'))
   train.train_and_evaluate(config, workdir)
-  return config, _records(workdir)
+  return config, _records(workdir), workdir
 
 
 def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path):
-  config, reference = single_process
+  config, reference, single_workdir = single_process
   workdir = str(tmp_path / 'run')
   command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
              '--devices_per_process=4', '--', '--config=configs/coca.py:tiny',
@@ -67,11 +69,16 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   assert result.returncode == 0, output[-4000:]
   assert '[p0]' in output and '[p1]' in output
 
-  # Same losses as the single process, from each process's half of every batch.
+  # Same losses as the single process, from each process's half of every batch, and after
+  # two updates the same value of every parameter (not those of two more updates).
   launched = _records(workdir)
   expected = _losses(reference)
   np.testing.assert_allclose([_losses(launched)[s] for s in (1, 2)], [expected[1], expected[2]],
                              rtol=2e-4)
+  want, later = (vlrep.load(single_workdir, step=s).params for s in (2, 4))
+  assert_same_params(vlrep.load(workdir).params, want)
+  with pytest.raises(AssertionError):
+    assert_same_params(later, want)
   # Evaluated together: the same numbers as the single process's evaluation at step 2.
   results = json.load(open(os.path.join(workdir, 'results.json')))
   at_step_2 = next(r for r in reference if r['step'] == 2 and 'retrieval/i2t_r@1' in r)

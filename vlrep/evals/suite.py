@@ -36,6 +36,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Fails fast (ValueError naming the entry) on a bad `config.evals` or source string."""
   for name, entry in entries.evals_of(config).items():
     entries.check(name, entry)
+    if entry.get('max_len', 0) > config.data.max_text_len:
+      raise ValueError(f'evals.{name}.max_len={entry.max_len} exceeds the text length the model '
+                       f'is built for, data.max_text_len={config.data.max_text_len}')
     label_key = entry.get('label_key', '')
     for spec in {entry.data, entry.get('train_data', '') or entry.data}:
       source = pipeline.eval_source(config, spec, label_key)

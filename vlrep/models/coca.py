@@ -22,12 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlrep.models.layers import (ACTIVATIONS, BLOCK_LAYOUTS, DEFAULT_LN_EPS, REMAT_MODES,
-                                 AttentionalPooler, Dtype, default_kernel_init, layer_norm,
-                                 logical)
+                                 AttentionalPooler, Dtype, default_kernel_init,
+                                 float32_dot_general, layer_norm, logical)
 from vlrep.models.text import TextDecoder
 from vlrep.models.vision import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0
+# The bound is kept on the parameter (`clamp_temperature`, after every update, as open_clip
+# does) rather than in the forward pass, where exp(min(log_scale, bound)) has a zero gradient
+# past the bound and a parameter that crossed it could never come back.
+MAX_LOG_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
 # What `CoCa.temperature` returns and `__call__` outputs: the contrastive loss's learned
 # scale, and its bias for sigmoid (SigLIP) losses.
 TEMPERATURE_KEYS = ('logit_scale', 'logit_bias')
@@ -72,7 +76,7 @@ class CoCa(nn.Module):
       self.image_pooled_norm = layer_norm('image_pooled_norm', self.dtype,
                                           self.image_encoder.ln_eps)
     projection = lambda bias=False: nn.Dense(
-        self.embed_dim, use_bias=bias, dtype=self.dtype,
+        self.embed_dim, use_bias=bias, dtype=self.dtype, dot_general=float32_dot_general,
         kernel_init=logical(default_kernel_init, 'embed', None),
         bias_init=logical(nn.initializers.zeros, None))
     self.image_projection = projection()
@@ -84,8 +88,8 @@ class CoCa(nn.Module):
                                    logical(nn.initializers.constant(self.logit_bias_init)), ())
 
   def logit_scale(self) -> jax.Array:
-    """exp(learned log-scale), clipped at 100 (temperature >= 0.01)."""
-    return jnp.exp(jnp.minimum(self.logit_scale_log, math.log(MAX_LOGIT_SCALE)))
+    """exp(learned log-scale); the train step keeps it <= 100 (`clamp_temperature`)."""
+    return jnp.exp(self.logit_scale_log)
 
   def temperature(self) -> dict[str, jax.Array]:
     """{'logit_scale'} and, for sigmoid losses, {'logit_bias'}: the loss's learned scalars."""
@@ -157,9 +161,15 @@ class CoCa(nn.Module):
     return self.text_decoder.caption_logits(token_features, caption_tokens)
 
 
+def clamp_temperature(params: dict) -> dict:
+  """`params` with the learned log-scale clamped to <= ln 100 (applied after each update)."""
+  return {**params, 'logit_scale': jnp.minimum(params['logit_scale'], MAX_LOG_LOGIT_SCALE)}
+
+
 POOLERS = ('cascade', 'parallel', 'single', 'none')
 IMAGE_POOLS = ('attn', 'tok', 'avg')
-DTYPES = ('float32', 'bfloat16', 'float16')
+# No float16: it needs loss scaling, which bfloat16's float32 exponent range does not.
+DTYPES = ('float32', 'bfloat16')
 
 
 def compute_dtype(name: str, field: str) -> jnp.dtype:

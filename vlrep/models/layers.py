@@ -19,6 +19,7 @@ carry a leading axis named `layers`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -45,6 +46,12 @@ MINIMAL_REMAT_SAVES = ('query', 'key', 'value', 'attention_out', 'mlp_hidden')
 ACTIVATIONS = ('gelu_tanh', 'gelu', 'quick_gelu')
 BLOCK_LAYOUTS = ('fused', 'split')
 DEFAULT_LN_EPS = 1e-6
+
+
+# Dense layers whose outputs feed a float32 loss (the LM head, the embedding projections)
+# accumulate and return float32 whatever the compute dtype: bfloat16 logits over a 64k
+# vocabulary would lose the precision the cross-entropy reads.
+float32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 class _LogicalNames(nn.LogicallyPartitioned):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from vlrep.data.tokenizer import PAD_ID
 from vlrep.models.layers import (DEFAULT_LN_EPS, BlockStack, Dtype, default_kernel_init,
-                                 layer_norm, logical)
+                                 float32_dot_general, layer_norm, logical)
 
 TEXT_POOLS = ('cls', 'argmax', 'eos', 'first', 'last')
 PAD_MASKS = ('pad', 'shifted', 'none')
@@ -107,7 +107,7 @@ class TextDecoder(nn.Module):
     if self.decode:  # position of the next token; advanced by `decode_step`
       self.position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
     self.output_head = nn.Dense(self.vocab_size, dtype=self.dtype, name='output_head',
-                                use_bias=self.head_bias,
+                                use_bias=self.head_bias, dot_general=float32_dot_general,
                                 kernel_init=logical(default_kernel_init, 'embed', 'vocab'),
                                 bias_init=logical(nn.initializers.zeros, 'vocab'))
 
