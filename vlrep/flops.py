@@ -1,6 +1,7 @@
 """Analytic model FLOPs of one train step, per component, from the config alone.
 
-`train_flops_per_step(config)` is what `vlrep.bench` divides by the step time for MFU.
+`train_flops_per_step(config)` is what `vlrep.bench`, `vlrep.plan` and the training log
+(`train/mfu`) divide by the step time and the chips' peak (`PEAK_TFLOPS`) for MFU.
 Counted: every matrix multiplication of the model (one multiply-add = 2 FLOPs) -- the image
 encoder (stem and patch convolutions, attention projections, attention scores and weighted
 sums, MLPs), both attentional poolers, the unimodal and the multimodal text decoder
@@ -17,6 +18,24 @@ from __future__ import annotations
 import ml_collections
 
 TRAIN_FORWARD_MULTIPLE = 3
+
+# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` in this order (first
+# substring wins: 'TPU v5 lite' is v5e, plain 'TPU v5' is v5p). GPUs: SXM parts.
+PEAK_TFLOPS = (
+    ('TPU v6 lite', 918.0),  # v6e (Trillium)
+    ('TPU v5 lite', 197.0),  # v5e
+    ('TPU v5p', 459.0),
+    ('TPU v5', 459.0),  # v5p reports itself as 'TPU v5'
+    ('TPU v4', 275.0),
+    ('H200', 989.0),
+    ('H100', 989.0),
+    ('A100', 312.0),
+)
+
+
+def table_peak_tflops(device_kind: str) -> float | None:
+  """Per-chip bf16 dense peak for a known accelerator, else None."""
+  return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
 
 
 def _attention(queries: int, keys: int, width: int, pairs: int | None = None) -> int:

@@ -3,24 +3,43 @@
 The only module that knows mesh axis names. Parameters carry logical names (`embed`,
 `mlp`, `heads`, `vocab`, ...); `LOGICAL_RULES` maps them to the mesh axes `data`, `fsdp` and
 `tensor`: parameters are sharded FSDP-style over `fsdp` and Megatron-style over `tensor`,
-batches over (`data`, `fsdp`).
+batches over (`data`, `fsdp`). Activations carry logical names too; `axis_rules(mesh)` puts
+the rules in effect while a model is traced, so their constraints apply. The mesh follows the
+devices' topology (`jax.experimental.mesh_utils`): `tensor` and `fsdp` on the fast
+interconnect, and only the axes named by `mesh.dcn_*` across slices or hosts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 # Every device on the data axis: the mesh for inference and for loading weights.
 DATA_PARALLEL = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+# The `config.mesh` fields beyond the axis sizes, with their defaults (configs/coca.py takes
+# them from here; `mesh_option` gives them to configs saved before they existed).
+MESH_DEFAULTS = {
+    # How many ways the data / fsdp axis crosses the slow links (DCN between TPU slices, the
+    # network between GPU hosts): the product must be the number of slices, or of processes
+    # when the devices are one slice. 1 and 1: everything on one slice's interconnect.
+    'dcn_data': 1,
+    'dcn_fsdp': 1,
+    # A parameter or optimizer-state array with a dimension that does not divide over its mesh
+    # axes is replicated along them; above this many bytes (the whole array) that is an error
+    # naming the array instead, since it would be stored whole on every device. -1: no limit.
+    'replicate_max_bytes': 4 << 20,
+}
+DCN_AXES = ('data', 'fsdp')
 
 LOGICAL_RULES = (
     ('batch', BATCH_AXES),
@@ -52,12 +71,57 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   return tuple(sizes)
 
 
+def mesh_option(mesh_config: ml_collections.ConfigDict, name: str) -> Any:
+  """`config.mesh.<name>`, or its default for a config saved before the field existed."""
+  return mesh_config.get(name, MESH_DEFAULTS[name])
+
+
+def _slice_count(devices: Sequence[jax.Device]) -> int:
+  return len({getattr(d, 'slice_index', None) or 0 for d in devices})
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The `config.mesh` mesh over `devices` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else devices
+  """The `config.mesh` mesh over `devices` (default: every device of every process).
+
+  Axes are ordered (data, fsdp, tensor) by increasing traffic, which is the order
+  `mesh_utils` lays out on the physical topology: on a TPU torus `tensor` takes the nearest
+  chips. With `mesh.dcn_data` / `mesh.dcn_fsdp` the mesh is a hybrid one: those ways of the
+  axis go across slices (TPU multislice) or processes (GPU hosts), the rest within each.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = tuple(int(mesh_option(mesh_config, f'dcn_{axis}')) if axis in DCN_AXES else 1
+              for axis in MESH_AXES)
+  for axis, size, ways in zip(MESH_AXES, shape, dcn):
+    if ways < 1 or size % ways:
+      raise ValueError(f'mesh.dcn_{axis}={ways} does not divide mesh.{axis}={size}')
+  slices = _slice_count(devices)
+  granules = int(np.prod(dcn))
+  if granules == 1:
+    if slices > 1:
+      raise ValueError(f'the devices span {slices} slices: set mesh.dcn_data (and/or '
+                       f'mesh.dcn_fsdp) so that their product is {slices}')
+    array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    by_process = slices == 1
+    count = len({d.process_index for d in devices}) if by_process else slices
+    if granules != count:
+      raise ValueError(f'mesh.dcn_data x mesh.dcn_fsdp = {granules}, but the devices are '
+                       f'{count} {"processes" if by_process else "slices"}')
+    inner = tuple(size // ways for size, ways in zip(shape, dcn))
+    array = mesh_utils.create_hybrid_device_mesh(inner, dcn, devices,
+                                                 process_is_granule=by_process,
+                                                 allow_split_physical_axes=True)
+  return Mesh(array, MESH_AXES)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh) -> Iterator[None]:
+  """`LOGICAL_RULES` in effect over `mesh` while a model is traced (inside or outside jit),
+  so that its activations' `nn.with_logical_constraint`s apply (without rules Flax drops them)."""
+  with nn.logical_axis_rules(LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -65,31 +129,49 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def _fit(sharding: NamedSharding, shape: tuple[int, ...], path: str) -> NamedSharding:
+def _fit(sharding: NamedSharding, x: Any, path: str, max_bytes: int,
+         replicated: list[dict[str, Any]]) -> NamedSharding:
   """`sharding`, with each dimension that does not divide over its mesh axes replicated.
 
-  So any model runs on any mesh (e.g. the tiny model's 259-token vocabulary on tensor=2);
-  such a dimension is only stored redundantly, and the log says which.
+  So a small model runs on any mesh (e.g. the tiny model's 259-token vocabulary on
+  tensor=2): such a dimension is only stored redundantly; the log says which, and each is
+  appended to `replicated`. An array over `max_bytes` (>= 0) fails instead.
   """
+  shape = tuple(x.shape)
   spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
   for dim, axes in enumerate(spec):
     if axes is None:
       continue
     ways = int(np.prod([sharding.mesh.shape[a] for a in np.atleast_1d(axes)]))
     if shape[dim] % ways:
-      logging.warning('%s: dimension %d (%d) does not divide over mesh axes %s (%d ways); '
-                      'replicated along them instead', path, dim, shape[dim], axes, ways)
+      nbytes = int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+      what = (f'{path} {shape}: dimension {dim} ({shape[dim]}) does not divide over mesh '
+              f'axes {axes} ({ways} ways)')
+      if 0 <= max_bytes < nbytes:
+        raise ValueError(f'{what}; replicated, all {nbytes:,} bytes of it would be '
+                         f'on every device. Choose mesh sizes that divide it, or raise '
+                         f'mesh.replicate_max_bytes (now {max_bytes})')
+      logging.warning('%s; replicated along them instead', what)
+      replicated.append({'array': path, 'shape': list(shape), 'dim': dim,
+                         'axes': list(np.atleast_1d(axes)), 'bytes': nbytes})
       spec[dim] = None
   return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
-def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes."""
+def logical_shardings(abstract_tree: Any, mesh: Mesh,
+                      replicate_max_bytes: int = MESH_DEFAULTS['replicate_max_bytes'],
+                      replicated: list[dict[str, Any]] | None = None) -> Any:
+  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes.
+
+  Arrays replicated because a dimension does not divide are appended to `replicated`.
+  """
+  replicated = [] if replicated is None else replicated
   specs = nn.get_partition_spec(abstract_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
   return jax.tree_util.tree_map_with_path(
-      lambda path, s, x: _fit(s, x.shape, jax.tree_util.keystr(path)), shardings,
-      nn.unbox(abstract_tree))
+      lambda path, s, x: _fit(s, x, jax.tree_util.keystr(path), int(replicate_max_bytes),
+                              replicated),
+      shardings, nn.unbox(abstract_tree))
 
 
 def constrain_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
@@ -100,6 +182,18 @@ def constrain_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
 def batch_devices(mesh: Mesh) -> int:
   """How many ways a batch is split: the product of the batch axes' sizes."""
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def process_rows(batch: NamedSharding, global_batch: int) -> np.ndarray:
+  """The rows of a global batch this process's devices hold under `batch`, sorted: what it
+  must read for `jax.make_array_from_process_local_data`. A contiguous share of B/P rows
+  when only the batch axes span processes; with `tensor` (or part of `fsdp`) spanning them,
+  processes hold the same rows, or rows from several places of the batch."""
+  indices = batch.addressable_devices_indices_map((global_batch,)).values()
+  rows = set()
+  for (index,) in indices:
+    rows.update(range(*index.indices(global_batch)))
+  return np.asarray(sorted(rows), np.int64)
 
 
 def batch_size_per_process(global_batch: int, mesh: Mesh, microbatches: int = 1) -> int:

@@ -242,11 +242,10 @@ def init_params(model: CoCa, config: ml_collections.ConfigDict, rng: jax.Array) 
   return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
 
 
-def create_train_state(model: CoCa, tx: optax.GradientTransformation,
-                       learning_rate_fn: Callable[[jax.Array], jax.Array],
-                       config: ml_collections.ConfigDict, mesh: Mesh,
-                       rng: jax.Array) -> tuple[TrainState, Any]:
-  """A new state created directly in its shardings; returns (state, state shardings)."""
+def _state_builder(model: CoCa, tx: optax.GradientTransformation,
+                   learning_rate_fn: Callable[[jax.Array], jax.Array],
+                   config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[jax.Array], Any]:
+  """rng -> a new TrainState whose arrays are boxed with their logical names."""
   loss_config = LossConfig.from_config(config.loss)
 
   def boxed_state(rng):
@@ -255,8 +254,33 @@ def create_train_state(model: CoCa, tx: optax.GradientTransformation,
                       model=model, tx=tx, learning_rate_fn=learning_rate_fn,
                       loss_config=loss_config, mesh=mesh,
                       microbatches=int(config.microbatches))
+  return boxed_state
 
-  abstract = _relax_names(jax.eval_shape(boxed_state, rng))
-  shardings = sharding.logical_shardings(abstract, mesh)
+
+def abstract_train_state(model: CoCa, tx: optax.GradientTransformation,
+                         learning_rate_fn: Callable[[jax.Array], jax.Array],
+                         config: ml_collections.ConfigDict, mesh: Mesh,
+                         replicated: list[dict[str, Any]] | None = None) -> tuple[Any, Any]:
+  """(the state's shapes and dtypes, its shardings), without creating it.
+
+  Arrays replicated because a dimension does not divide over its mesh axes are appended to
+  `replicated`; one above `mesh.replicate_max_bytes` raises ValueError naming it.
+  """
+  boxed_state = _state_builder(model, tx, learning_rate_fn, config, mesh)
+  abstract = _relax_names(jax.eval_shape(boxed_state, jax.random.key(0)))
+  shardings = sharding.logical_shardings(
+      abstract, mesh, sharding.mesh_option(config.mesh, 'replicate_max_bytes'), replicated)
+  return nn.unbox(abstract), shardings
+
+
+def create_train_state(model: CoCa, tx: optax.GradientTransformation,
+                       learning_rate_fn: Callable[[jax.Array], jax.Array],
+                       config: ml_collections.ConfigDict, mesh: Mesh, rng: jax.Array,
+                       shardings: Any = None) -> tuple[TrainState, Any]:
+  """A new state created directly in its shardings (`abstract_train_state`'s unless given);
+  returns (state, state shardings)."""
+  if shardings is None:
+    _, shardings = abstract_train_state(model, tx, learning_rate_fn, config, mesh)
+  boxed_state = _state_builder(model, tx, learning_rate_fn, config, mesh)
   init = jax.jit(lambda rng: nn.unbox(boxed_state(rng)), out_shardings=shardings)
   return init(rng), shardings

@@ -8,11 +8,12 @@ model family runs through this loop; they differ by config only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging as std_logging
 import sys
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 
 from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, paths, sharding,
                    step as step_lib)
+from vlrep import flops as flops_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -60,9 +62,68 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
   nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
   make_optimizer(config.optim, config.total_steps)  # raises on a field it would ignore
+  profile_steps(config)
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:
     check_evals(config)
+
+
+@dataclasses.dataclass
+class StepSetup:
+  """What runs the train step on a mesh: built by `setup_step` for `vlrep.train`,
+  `vlrep.bench` and `vlrep.plan` alike, so that all three run the same jitted step."""
+  mesh: jax.sharding.Mesh
+  model: Any
+  tx: Any
+  learning_rate_fn: Callable[[jax.Array], jax.Array]
+  abstract_state: Any  # shapes and dtypes (jax.ShapeDtypeStruct leaves)
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Any  # jitted (state, batch) -> (state, metrics), the state donated
+  replicated: list[dict[str, Any]]  # arrays replicated because a dimension does not divide
+
+
+def setup_step(config: ml_collections.ConfigDict,
+               devices: Sequence[jax.Device] | None = None) -> StepSetup:
+  """Validates `config` and builds the mesh over `devices` (default: all devices of all
+  processes), the model, optimizer, state shardings and the jitted train step. Nothing is
+  compiled or allocated; a config that cannot work raises ConfigError first."""
+  try:
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    # Fails before anything compiles if the batch cannot be split evenly.
+    sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
+    model = build_model(config)
+    tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
+    replicated: list[dict[str, Any]] = []
+    abstract, state_shardings = step_lib.abstract_train_state(
+        model, tx, learning_rate_fn, config, mesh, replicated)
+  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def step(state, batch):
+    with sharding.axis_rules(mesh):  # the model's activation constraints apply
+      return step_lib.train_step(state, batch)
+  train_step = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  return StepSetup(mesh, model, tx, learning_rate_fn, abstract, state_shardings,
+                   batch_sharding, train_step, replicated)
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """`config.profile_steps` 'START:COUNT' as (START, COUNT); '' (the default) is (0, 0)."""
+  spec = config.get('profile_steps', '')  # configs saved before the field: no profile
+  if not spec:
+    return 0, 0
+  try:
+    start, count = (int(x) for x in str(spec).split(':'))
+  except ValueError:
+    start = count = 0
+  if start < 1 or count < 1:
+    raise ValueError(f"profile_steps={spec!r}: expected 'START:COUNT' with START, COUNT >= 1 "
+                     "(e.g. '10:5'), or '' for none")
+  return start, count
 
 
 def _format_duration(seconds: float) -> str:
@@ -87,23 +148,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   try:
     paths.check(workdir)
-    validate(config)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    # Fails before anything compiles if the batch cannot be split evenly.
-    sharding.batch_size_per_process(config.batch_size, mesh, config.microbatches)
-  except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+  except ValueError as e:
     raise ConfigError(str(e)) from e
+  setup = setup_step(config, devices)
+  mesh = setup.mesh
   paths.makedirs(workdir)
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, 'config.json'), config.to_json(indent=2))
 
-  model = build_model(config)
-  tx, learning_rate_fn = make_optimizer(config.optim, config.total_steps)
   state, state_shardings = step_lib.create_train_state(
-      model, tx, learning_rate_fn, config, mesh, jax.random.key(config.seed))
+      setup.model, setup.tx, setup.learning_rate_fn, config, mesh, jax.random.key(config.seed),
+      setup.state_shardings)
   logging.info('model: %s parameters', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
 
-  data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count()))
+  rows = sharding.process_rows(setup.batch_sharding, config.batch_size)
+  data_iterator = iter(pipeline.train_dataset(config, jax.process_index(), jax.process_count(),
+                                              rows))
   checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   start = checkpointer.latest_step()
   if start is not None:
@@ -114,9 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(step_lib.train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  batch_sharding, train_step = setup.batch_sharding, setup.train_step
   evaluator = Evaluator(config) if config.eval_every_steps else None
   pretrained = Pretrained(config, state.params, batch_size=config.eval_batch_size, mesh=mesh)
   writer = MetricWriter(workdir)
@@ -132,17 +190,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   results: dict[str, float] = {}
   last_log_time, last_log_step = time.time(), start
+  data_wait = 0.0  # seconds spent waiting for input since the last log
+  profile_start, profile_count = profile_steps(config)
+  peak = flops_lib.table_peak_tflops(jax.devices()[0].device_kind)
+  model_flops = flops_lib.train_flops_per_step(config)['total']
   preempted = False
   # On a stop, it first lets the checkpoints written before the bad step finish.
   guard = nonfinite.guard_from_config(config, before_stop=checkpointer.wait)
   with PreemptionWatcher() as watcher:
     for step in range(start + 1, config.total_steps + 1):
+      if step == profile_start:
+        # Traced into a local folder that is uploaded when the trace ends (gs:// workdirs).
+        profile_dir = paths.Mirror(paths.join(workdir, 'profile'))
+        jax.profiler.start_trace(profile_dir.folder)
+      waited = time.time()
       local = next(data_iterator)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
                                                          (config.batch_size, *v.shape[1:]))
                for k, v in local.items()}
+      data_wait += time.time() - waited
       state, metrics = train_step(state, batch)
       metrics = guard.push(step, metrics)
+      if step == profile_start + profile_count - 1 or (
+          profile_count and step == config.total_steps and step >= profile_start):
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profile_dir.close()
+        profile_count = 0
+        logging.info('profile of steps %d-%d written to %s', profile_start, step,
+                     profile_dir.path)
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         guard.check(step)  # waits for this step, as fetching its metrics does
@@ -151,6 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         now = time.time()
         seconds_per_step = (now - last_log_time) / (step - last_log_step)
         metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
+        # Of the wall time since the last log: waiting for the next batch (input-bound near 1).
+        metrics['train/data_wait_fraction'] = data_wait / max(now - last_log_time, 1e-9)
+        if peak:  # the chip's bf16 dense peak is known (vlrep.flops.PEAK_TFLOPS)
+          metrics['train/mfu'] = model_flops / seconds_per_step / (peak * 1e12 * mesh.size)
+        data_wait = 0.0
         # Undecodable records replaced since this process started (pipeline._SkipFailed).
         metrics['data/skipped'] = pipeline.skipped_count()
         writer.write(step, metrics)
@@ -162,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpointer.save(step, state, data_iterator)
       if evaluator and step % config.eval_every_steps == 0 and step != config.total_steps:
         evaluate(step)
-        last_log_time = time.time()  # evaluation time is not training speed
+        last_log_time, data_wait = time.time(), 0.0  # evaluation time is not training speed
       if watcher.should_stop(step):
         if step % config.checkpoint_every_steps and step != config.total_steps:
           guard.check(step)
@@ -189,13 +270,13 @@ def _quiet_library_logs(record) -> bool:
   return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, program: str = 'vlrep.train') -> None:
   """Ends the program with one line on stderr and status 1 (no traceback)."""
-  print(f'vlrep.train: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  print(f'{program}: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.exit(1)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], program: str = 'vlrep.train') -> list[str]:
   """absl's flag parsing, with a bad flag or `--config.KEY` reported in one line."""
   try:
     argv = flags.FLAGS(argv)
@@ -206,9 +287,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if 'Traceback (most recent call last)' in message:  # get_config raised: keep its error
       lines = [line for line in message.splitlines() if line.strip()]
       message = f'{message.split(": ")[0]}: {lines[-1].strip()}'
-    _fail(message)
+    _fail(message, program)
   except OSError as e:  # a config file that does not exist
-    _fail(str(e))
+    _fail(str(e), program)
   except (AttributeError, KeyError) as e:  # config_flags: a key the config does not have
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
@@ -216,7 +297,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     key = message.splitlines()[0].strip('\'"') if message else ''
     named = [arg.split('=')[0] for arg in argv[1:]
              if arg.startswith('--config.') and arg.split('=')[0].endswith(f'.{key}')]
-    _fail(f'{", ".join(named) or key}: unknown config key {message}')
+    _fail(f'{", ".join(named) or key}: unknown config key {message}', program)
   return []  # not reached
 
 

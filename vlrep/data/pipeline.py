@@ -87,28 +87,36 @@ class _SkipFailed(grain.MapDataset):
 
 
 class _ProcessSlice(grain.MapDataset):
-  """Element k of this process is element g(k) of the global stream (see module docstring)."""
+  """Element k of this process is element g(k) of the global stream (see module docstring).
+
+  `rows` (sorted) are the rows of each global batch this process reads: by default the
+  process's contiguous share; with a mesh axis that spans processes (tensor, fsdp) they are
+  the rows of this process's devices (`sharding.process_rows`), possibly shared with others.
+  """
 
   def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
-               process_count: int):
+               process_count: int, rows: Sequence[int] | None = None):
     super().__init__(parent)
-    if global_batch % process_count:
-      raise ValueError(f'batch_size {global_batch} does not divide over {process_count} processes')
-    self._global_batch, self._process_count = global_batch, process_count
-    self._local_batch = global_batch // process_count
-    self._offset = process_index * self._local_batch
+    if rows is None:
+      if global_batch % process_count:
+        raise ValueError(f'batch_size {global_batch} does not divide over {process_count} '
+                         'processes')
+      local = global_batch // process_count
+      rows = range(process_index * local, (process_index + 1) * local)
+    self._global_batch, self._rows = global_batch, np.asarray(rows, np.int64)
+    self.local_batch = len(self._rows)
 
   def __len__(self) -> int:
-    return len(self._parent) // self._process_count
+    return len(self._parent) // self._global_batch * self.local_batch
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    batch, within = divmod(index, self._local_batch)
-    return self._parent[batch * self._global_batch + self._offset + within]
+    batch, within = divmod(index, self.local_batch)
+    return self._parent[batch * self._global_batch + int(self._rows[within])]
 
   def __str__(self) -> str:
-    return f'ProcessSlice(offset={self._offset}, local_batch={self._local_batch})'
+    return f'ProcessSlice(rows={self._rows[0]}..{self._rows[-1]}, local_batch={self.local_batch})'
 
 
 class _CountSkips(grain.transforms.Map):
@@ -124,17 +132,18 @@ class _CountSkips(grain.transforms.Map):
 
 
 def train_dataset(config: ml_collections.ConfigDict, process_index: int,
-                  process_count: int) -> grain.IterDataset:
-  """This process's infinite stream of training batches (dicts of numpy arrays)."""
+                  process_count: int, rows: Sequence[int] | None = None) -> grain.IterDataset:
+  """This process's infinite stream of training batches (dicts of numpy arrays): its share
+  of each global batch, or the given `rows` of it (sorted)."""
   data = config.data
   source = source_from_config(config, data.train)
   stream = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
   # On the global stream, so random_map's generator is seeded by (seed, global position).
   decode = transforms.DecodeAndAugment(data.image_size, data.get('augment', 'resize'))
   stream = _SkipFailed(stream.random_map(decode))
-  local = _ProcessSlice(stream, config.batch_size, process_index, process_count)
+  local = _ProcessSlice(stream, config.batch_size, process_index, process_count, rows)
   tokenize = transforms.Tokenize(get_tokenizer(data.tokenizer), data.max_text_len)
-  batches = local.map(tokenize).batch(config.batch_size // process_count, drop_remainder=True)
+  batches = local.map(tokenize).batch(local.local_batch, drop_remainder=True)
   # Elements are whole batches here: keep only a couple ahead, so that filling the buffer
   # does not compete with the train step for the CPU.
   threads, workers = input_workers(data)

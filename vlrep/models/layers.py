@@ -54,9 +54,24 @@ DEFAULT_LN_EPS = 1e-6
 float32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
+class _LogicalNames(nn.LogicallyPartitioned):
+  """Logical axis names of a parameter, never turned into a sharding constraint on unboxing.
+
+  A parameter's sharding comes from the jit's in_shardings (`vlrep.sharding`). Under axis
+  rules Flax would also constrain it on every unbox, including in DenseGeneral's shape check,
+  which unboxes the flat rank-2 kernel with its rank-3 names and fails.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    del apply_constraint
+    return self.value
+
+
 def logical(init: nn.initializers.Initializer, *names: str | None) -> nn.initializers.Initializer:
   """An initializer whose parameter carries the given logical axis names."""
-  return nn.with_logical_partitioning(init, names)
+  def named_init(*args, **kwargs):
+    return _LogicalNames(init(*args, **kwargs), names)
+  return named_init
 
 
 def layer_norm(name: str | None = None, dtype: Dtype = jnp.float32,
