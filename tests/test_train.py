@@ -144,7 +144,8 @@ def test_every_mesh_trains_like_one_device(one_device_losses, tmp_path, mesh):
   config.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
   losses = _train_losses(config, str(tmp_path))
   np.testing.assert_allclose(losses, expected, rtol=2e-4)
-  assert_same_params(vlrep.load(str(tmp_path)).params, expected_params)
+  assert_same_params(vlrep.load(str(tmp_path)).params, expected_params,
+                     atol=0.05 * config.optim.learning_rate)
 
 
 @pytest.mark.parametrize('mesh, devices', [({'data': 2, 'fsdp': 4}, 8), ({'data': -1}, 4)])

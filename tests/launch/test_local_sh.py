@@ -76,9 +76,10 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   np.testing.assert_allclose([_losses(launched)[s] for s in (1, 2)], [expected[1], expected[2]],
                              rtol=2e-4)
   want, later = (vlrep.load(single_workdir, step=s).params for s in (2, 4))
-  assert_same_params(vlrep.load(workdir).params, want)
+  atol = 0.05 * config.optim.learning_rate
+  assert_same_params(vlrep.load(workdir).params, want, atol)
   with pytest.raises(AssertionError):
-    assert_same_params(later, want)
+    assert_same_params(later, want, atol)
   # Evaluated together: the same numbers as the single process's evaluation at step 2.
   results = json.load(open(os.path.join(workdir, 'results.json')))
   at_step_2 = next(r for r in reference if r['step'] == 2 and 'retrieval/i2t_r@1' in r)
