@@ -18,6 +18,7 @@ array with both shapes (`export.check_shapes`).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax
