@@ -23,7 +23,7 @@ from conftest import REPO, assert_same_params, load_config, override_flags, shri
 from vlrep import train
 
 # warmup 0: every update, the first included, runs at a non-zero learning rate.
-OVERRIDES = {'batch_size': 16, 'total_steps': 4, 'log_every_steps': 1,
+OVERRIDES = {'batch_size': 16, 'total_steps': 2, 'log_every_steps': 1,
              'checkpoint_every_steps': 2, 'eval_every_steps': 2, 'data.eval_examples': 16,
              'eval_batch_size': 8, 'optim.warmup_steps': 0}
 
@@ -49,11 +49,20 @@ def _losses(records):
 
 @pytest.fixture(scope='module')
 def single_process(tmp_path_factory):
-  """The reference: one process with all 8 devices, 4 steps, evaluated at steps 2 and 4."""
+  """The reference: one process with all 8 devices trains 2 steps (evaluated at step 2), then
+  resumes to step 4. The 2-process run below takes the same path, so that both follow the
+  same learning-rate schedule (which depends on total_steps) at every step."""
   config = _config()
   workdir = str(tmp_path_factory.mktemp('single'))
   train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(_resumed(config), workdir)
   return config, _records(workdir), workdir
+
+
+def _resumed(config):
+  config = config.copy_and_resolve_references()
+  config.total_steps, config.eval_every_steps = 4, 0
+  return config
 
 
 def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path):
@@ -61,7 +70,7 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   workdir = str(tmp_path / 'run')
   command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
              '--devices_per_process=4', '--', '--config=configs/coca.py:tiny',
-             f'--workdir={workdir}', *override_flags(config, total_steps=2)]
+             f'--workdir={workdir}', *override_flags(config)]
   env = dict(os.environ, PYTHON=sys.executable)
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -70,14 +79,17 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   assert '[p0]' in output and '[p1]' in output
 
   # Same losses as the single process, from each process's half of every batch, and after
-  # two updates the same value of every parameter (not those of two more updates).
+  # two updates the same value of every parameter (not those of two more updates). The
+  # tolerance is a tenth of an update: Adam's first updates are +-lr wherever a gradient is
+  # well above its epsilon; an attention key's bias, whose true gradient is 0 (softmax is
+  # shift-invariant), moves by rounding noise over epsilon alone (measured: 0.052 of lr).
   launched = _records(workdir)
   expected = _losses(reference)
   np.testing.assert_allclose([_losses(launched)[s] for s in (1, 2)], [expected[1], expected[2]],
                              rtol=2e-4)
   want, later = (vlrep.load(single_workdir, step=s).params for s in (2, 4))
-  atol = 0.05 * config.optim.learning_rate
-  two_process_params = vlrep.load(workdir).params
+  atol = 0.1 * config.optim.learning_rate
+  assert_same_params(vlrep.load(workdir).params, want, atol)
   with pytest.raises(AssertionError):
     assert_same_params(later, want, atol)
   # Evaluated together: the same numbers as the single process's evaluation at step 2.
@@ -95,18 +107,10 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   assert results[probe] == pytest.approx(at_step_2[probe], abs=1 / 16 + 1e-6)
 
   # The checkpoint both processes wrote resumes in one process and continues the same way.
-  config = config.copy_and_resolve_references()
-  config.eval_every_steps = 0
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(_resumed(config), workdir)
   np.testing.assert_allclose([_losses(_records(workdir))[s] for s in (3, 4)],
                              [expected[3], expected[4]], rtol=2e-4)
-  try:
-    assert_same_params(two_process_params, want, atol)
-  except AssertionError as e:
-    # Found on 2026-12-01 when this comparison replaced the loss-only one: after two updates
-    # the two processes' captioning pooler differs from the single process's by ~0.3 of an
-    # update in most elements, though the losses agree to 2e-4. Open (issue 15 / 21 notes).
-    pytest.xfail(f'2-process parameters differ from 1 process: {str(e)[:300]}')
+  assert_same_params(vlrep.load(workdir).params, later, atol)
 
 
 def test_when_one_process_dies_the_other_stops_by_itself(tmp_path):
