@@ -12,11 +12,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, load_config, shrink
-from vlrep import checkpoint, evaluate
 from vlrep.evals import entries
+from vlrep.evals import evaluate
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
 from vlrep.pretrained import Pretrained
+from vlrep.runtime import checkpoint
 from vlrep.step import init_params
 
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlrep import decode
 from vlrep.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
 from vlrep.step import init_params
 

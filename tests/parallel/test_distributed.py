@@ -1,4 +1,5 @@
-"""vlrep.distributed: the env rules, a real 2-process run over loopback, and launch/local.sh."""
+"""vlrep.parallel.distributed: the env rules, a real 2-process run over loopback, and
+launch/local.sh."""
 
 import os
 import socket
@@ -10,9 +11,9 @@ import time
 import jax
 import pytest
 
-from vlrep import distributed
+from vlrep.parallel import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCAL_SH = os.path.join(REPO, 'launch', 'local.sh')
 CLUSTER_VARS = ('VLREP_COORDINATOR', 'VLREP_NUM_PROCESSES', 'VLREP_PROCESS_ID',
                 'VLREP_INIT_TIMEOUT_S', 'VLREP_HEARTBEAT_TIMEOUT_S', 'VLREP_SHUTDOWN_TIMEOUT_S',
@@ -131,7 +132,7 @@ def _free_port() -> int:
 
 _PROGRAM = textwrap.dedent('''
     import os
-    from vlrep import distributed
+    from vlrep.parallel import distributed
     distributed.initialize()
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import multihost_utils

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlrep import plan, sharding, step, train
+from vlrep import step, train
 from vlrep.models.coca import build_model
+from vlrep.parallel import sharding
+from vlrep.tools import plan
 
 
 def _mesh(**sizes):

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlrep import checkpoint, export, sharding, step
+from vlrep import step
 from vlrep.data import pipeline
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
+from vlrep.parallel import sharding
+from vlrep.runtime import checkpoint
+from vlrep.weights import export
 
 
 def _state(config):

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from vlrep import paths
-from vlrep.metrics import MetricWriter
+from vlrep.runtime import paths
+from vlrep.runtime.metrics import MetricWriter
 
 
 def test_metrics_and_events_on_a_bucket(bucket, monkeypatch):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vlrep.nonfinite import NonFiniteError, NonFiniteGuard
+from vlrep.runtime.nonfinite import NonFiniteError, NonFiniteGuard
 
 
 def _metrics(finite: bool) -> dict:

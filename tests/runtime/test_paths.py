@@ -1,4 +1,4 @@
-"""vlrep.paths: local paths as plain files, gs:// through a loopback GCS server, every other
+"""vlrep.runtime.paths: local paths as plain files, gs:// through a loopback GCS server, every other
 scheme refused by name; and the object-store traps each workaround exists for."""
 
 import json
@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from vlrep import paths
+from vlrep.runtime import paths
 
 
 @pytest.mark.parametrize('path', ['s3://bkt/run', 'http://host/x', 'hdfs://nn/data', 'GS://b'])

@@ -1,6 +1,6 @@
 """`python -m vlrep.bench`: the JSON line it prints, and the peak-FLOP/s table.
 
-(Not tests/test_bench.py: pytest, without package __init__ files, needs test basenames unique
+(Not tests/tools/test_bench.py: pytest, without package __init__ files, needs test basenames unique
 and tests/data/test_bench.py covers `vlrep.data.bench`.)"""
 
 import json
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO, override_flags
-from vlrep import bench, flops
+from vlrep.tools import bench, flops
 
 KEYS = ('compile_s', 'step_s', 'examples_per_s', 'model_flops_per_step', 'achieved_tflops',
         'peak_tflops', 'mfu', 'peak_memory_bytes', 'device_kind', 'device_count')

@@ -4,7 +4,7 @@ the same per part with `model.scan_layers`."""
 import pytest
 
 from conftest import load_config, shrink
-from vlrep.describe import parameter_counts
+from vlrep.tools.describe import parameter_counts
 
 
 @pytest.mark.parametrize('variant, image_m, text_m, total_m, tolerance', [

@@ -11,9 +11,9 @@ import jax
 import pytest
 
 from conftest import load_config
-from vlrep import flops
 from vlrep.models.coca import build_model
 from vlrep.step import LossConfig, compute_losses, example_batch, init_params
+from vlrep.tools import flops
 
 
 def test_analytic_flops_match_xla_within_3_percent():

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config, override_flags
-from vlrep import flops, plan, train
+from vlrep import train
+from vlrep.tools import flops, plan
 
 FIELDS = ('target', 'device_kind', 'device_count', 'mesh', 'param_bytes', 'opt_state_bytes',
           'argument_bytes', 'temp_bytes', 'peak_bytes', 'device_memory_bytes', 'fits',

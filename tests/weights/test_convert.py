@@ -1,6 +1,6 @@
-"""vlrep.convert's inputs: model configs by file or by open_clip name, and named errors.
+"""vlrep.weights.convert's inputs: model configs by file or by open_clip name, and named errors.
 
-The conversion itself runs end to end in tests/interop/test_convert.py.
+The conversion itself runs end to end in tests/weights/test_convert_open_clip.py.
 """
 
 import importlib.util
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from vlrep import convert
+from vlrep.weights import convert
 
 
 def test_model_cfg_from_a_file_or_an_open_clip_name(tmp_path):

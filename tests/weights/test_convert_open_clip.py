@@ -2,7 +2,7 @@
 another device count, tokenizes and embeds as open_clip does, and fine-tunes with init_from.
 
 Needs torch and open_clip_torch (the README's test command installs both; open_clip imports
-torchvision, stubbed by tests/interop/open_clip_shim.py where it cannot load).
+torchvision, stubbed by tests/weights/open_clip_shim.py where it cannot load).
 """
 
 import importlib.util
@@ -23,7 +23,9 @@ import open_clip_shim  # before open_clip: see the module
 torch, open_clip = open_clip_shim.require()
 
 import vlrep  # noqa: E402
-from vlrep import export, init_from, sharding, train  # noqa: E402
+from vlrep import train  # noqa: E402
+from vlrep.parallel import sharding  # noqa: E402
+from vlrep.weights import export, init_from  # noqa: E402
 
 MODEL_CFG = dict(
     embed_dim=16, quick_gelu=True,

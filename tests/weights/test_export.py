@@ -11,10 +11,11 @@ import pytest
 import safetensors.numpy
 
 import vlrep
-from vlrep import export, sharding
 from vlrep.models.coca import build_model
+from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
+from vlrep.weights import export
 
 
 def _mesh(devices, **axes):

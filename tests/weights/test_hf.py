@@ -18,9 +18,9 @@ transformers = pytest.importorskip('transformers')
 
 import vlrep  # noqa: E402
 from conftest import REPO  # noqa: E402
-from vlrep import convert, export, init_from, train  # noqa: E402
-from vlrep.interop import hf, to_hf  # noqa: E402
+from vlrep import train  # noqa: E402
 from vlrep.data.tokenizer import train_sentencepiece  # noqa: E402
+from vlrep.weights import convert, export, hf, init_from, to_hf  # noqa: E402
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=12)

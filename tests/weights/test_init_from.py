@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 import vlrep
-from vlrep import export, init_from, sharding, train
+from vlrep import train
 from vlrep.models.coca import build_model
+from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
+from vlrep.weights import export, init_from
 
 from conftest import load_config
 

@@ -16,7 +16,7 @@ import open_clip_shim  # before open_clip: see the module
 torch, open_clip = open_clip_shim.require()
 
 import vlrep  # noqa: E402
-from vlrep.interop.open_clip import convert_state_dict, read_state_dict  # noqa: E402
+from vlrep.weights.open_clip import convert_state_dict, read_state_dict  # noqa: E402
 
 CONTEXT = 16
 VOCAB = 49408  # CLIP's BPE ids, so open_clip's tokenizer output is valid input

@@ -19,7 +19,7 @@ torch, open_clip = open_clip_shim.require()
 from conftest import REPO, load_config, shrink  # noqa: E402
 from test_open_clip import (CLIP_CASES, COCA_CASES, _build, _check_embeddings, _close,  # noqa: E402
                             _inputs, _load)
-from vlrep.interop import open_clip as oc_import, to_open_clip  # noqa: E402
+from vlrep.weights import open_clip as oc_import, to_open_clip  # noqa: E402
 
 # Every parity case but one: vlrep keeps no captioning pooler for a decoder-less
 # attentional_pool='parallel' model (open_clip's encode_image never reads it), so that one
@@ -65,7 +65,7 @@ def test_transformers_clip_to_open_clip_cli(tmp_path):
   """A CLIP from transformers, converted to vlrep, then exported with `--to=open_clip`."""
   transformers = pytest.importorskip('transformers')
   from test_hf import make_hf_model  # pylint: disable=g-import-not-at-top
-  from vlrep import convert  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import convert  # pylint: disable=g-import-not-at-top
   hf_model, tokenizer = make_hf_model(tmp_path / 'hf', 'clip', image_size=32)
   exported = convert.from_hf(str(tmp_path / 'hf'), str(tmp_path / 'vlrep'))
   config = json.loads((tmp_path / 'vlrep' / 'config.json').read_text())

@@ -21,10 +21,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import checkpoint, distributed, paths
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
+from vlrep.parallel import distributed
 from vlrep.pretrained import Pretrained
+from vlrep.runtime import checkpoint, paths
 
 # Fields that may be overridden: everything else would describe another model than the
 # checkpoint's.
@@ -96,7 +97,12 @@ def main(argv: list[str]) -> None:
 
 FLAGS = flags.FLAGS
 
-if __name__ == '__main__':
+
+def define_flags() -> None:
+  """Defines the command line's flags; `python -m vlrep.evaluate` calls it before `main`.
+
+  `--config` is the run's own config, so `--workdir` is read from `sys.argv` here first;
+  exits with one line when it is missing or its run cannot be read."""
   flags.DEFINE_string('workdir', None, 'Training run directory (config.json, checkpoints/).')
   flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
   flags.mark_flag_as_required('workdir')
@@ -111,4 +117,3 @@ if __name__ == '__main__':
     sys.exit(str(error))
   _check_overrides(sys.argv[1:], run)
   config_flags.DEFINE_config_dict('config', run, lock_config=True)
-  app.run(main)

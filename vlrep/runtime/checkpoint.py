@@ -23,7 +23,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from vlrep import export, paths, sharding, step as step_lib
+from vlrep import step as step_lib
+from vlrep.parallel import sharding
+from vlrep.runtime import paths
+from vlrep.weights import export
 
 # Orbax splits each replicated array among its replicas ("replica-parallel" writes) by slicing
 # it on device: one small XLA compile per distinct shape and device, ~6 s on the first save

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import jax
 
-from vlrep import paths
+from vlrep.runtime import paths
 
 
 class MetricWriter:

@@ -6,10 +6,10 @@ last line, one JSON object:
 
 * `compile_s`: lowering + XLA compilation of the step;
 * `step_s`: median wall time of a step after two warm-up steps; `examples_per_s`;
-* `model_flops_per_step`: analytic model FLOPs (`vlrep.flops`, forward x3) and
+* `model_flops_per_step`: analytic model FLOPs (`vlrep.tools.flops`, forward x3) and
   `flops_breakdown`; `achieved_tflops` = model FLOPs / step_s;
-* `peak_tflops`: all devices together, from `vlrep.flops.PEAK_TFLOPS` (bf16 dense, per chip) for known
-  accelerators, or on CPU the rate of a large float32 matmul measured in this run
+* `peak_tflops`: all devices together, from `vlrep.tools.flops.PEAK_TFLOPS` (bf16 dense, per
+  chip) for known accelerators, or on CPU the rate of a large float32 matmul measured in this run
   (`peak_source` says which); `mfu` = achieved / peak;
 * `peak_memory_bytes`: the devices' peak allocation where the platform reports it (null on
   CPU); `temp_bytes`: XLA's scratch memory of the compiled step per device;
@@ -31,10 +31,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vlrep import flops as flops_lib
-from vlrep.flops import PEAK_TFLOPS, table_peak_tflops  # pylint: disable=unused-import
 from vlrep import step as step_lib, train
 from vlrep.data.tokenizer import PAD_ID
+from vlrep.tools import flops as flops_lib
+from vlrep.tools.flops import PEAK_TFLOPS, table_peak_tflops  # pylint: disable=unused-import
 
 WARMUP_STEPS = 2
 
@@ -165,10 +165,10 @@ def main(argv: list[str]) -> None:
   print(json.dumps(result))
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """Defines the command line's flags; `python -m vlrep.bench` calls it before `main`."""
   # Flags are defined only when run as a program, so tests can import this module.
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/coca.py:small.',
                                   lock_config=True)
   flags.DEFINE_integer('steps', 10, 'Timed steps (after two warm-up steps).')
   flags.mark_flags_as_required(['config'])
-  app.run(main)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vlrep.models.coca import build_model
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
   print(json.dumps(counts))
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """Defines the command line's flags; `python -m vlrep.describe` calls it before `main`."""
   # Flags are defined only when run as a program, so tests can import this module.
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/coca.py:base.')
   flags.mark_flags_as_required(['config'])
-  app.run(main)

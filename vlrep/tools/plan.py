@@ -4,11 +4,11 @@ pod slice or GPU hosts on this CPU, and what it needs there.
 TARGET is `tpu:VERSION:TOPOLOGY` (`tpu:v4:16x16x8`, `tpu:v5p:8x8x4`, `tpu:v5e:16x16`,
 `tpu:v6e:16x16`; `--slices=N` for N such slices joined over DCN) or `gpu:PART:HOSTSxGPUS`
 (`gpu:h100:2x8`, `gpu:h200:1x8`). JAX makes compile-only devices for the target (libtpu, from
-`jax[tpu]`; the CUDA plugin with XLA's target config of the part, `vlrep/gpu_targets/`); the
+`jax[tpu]`; the CUDA plugin with XLA's target config of the part, `vlrep/tools/gpu_targets/`); the
 step is the one `vlrep.train` jits (`train.setup_step`: same config validation, mesh,
 shardings, activation rules and donation), lowered for abstract arguments, so nothing is
 allocated. The last line printed is one JSON object: per-device parameter, optimizer-state,
-argument, scratch and peak bytes against the chip's memory; model FLOPs (`vlrep.flops`) and
+argument, scratch and peak bytes against the chip's memory; model FLOPs (`vlrep.tools.flops`) and
 XLA's; XLA's roofline step time and the MFU and examples/s it implies (TPU only: XLA's GPU
 compiler gives no cost analysis); the collectives of the compiled step by kind; the arrays
 replicated because a dimension does not divide; the compile time.
@@ -21,7 +21,6 @@ loops the step has.
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import os
 import re
@@ -35,14 +34,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vlrep import flops as flops_lib
 from vlrep import step as step_lib, train
+from vlrep.tools import flops as flops_lib
 
 GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
 # Memory per chip (bytes) by `device_kind` substring, first match wins. Sources: Google Cloud
 # TPU system architecture pages (v4 32 GiB, v5p 95 GiB, v5e 16 GiB, v6e 32 GiB of HBM per
 # chip); NVIDIA H100 SXM / H200 datasheets (80 GB, 141 GB: the device_memory_size of XLA's
-# target configs in vlrep/gpu_targets). Peak FLOPs: `vlrep.flops.PEAK_TFLOPS`.
+# target configs in vlrep/tools/gpu_targets). Peak FLOPs: `vlrep.tools.flops.PEAK_TFLOPS`.
 CHIP_MEMORY_BYTES = (
     ('TPU v6 lite', 32 << 30),
     ('TPU v5 lite', 16 << 30),
@@ -253,10 +252,10 @@ def main(argv: list[str]) -> None:
   print(json.dumps(result))
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """Defines the command line's flags; `python -m vlrep.plan` calls it before `main`."""
   config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/coca.py:giant.',
                                   lock_config=True)
   flags.DEFINE_string('target', None, 'tpu:VERSION:TOPOLOGY or gpu:PART:HOSTSxGPUS.')
   flags.DEFINE_integer('slices', 1, 'TPU slices joined over DCN (multislice).')
   flags.mark_flags_as_required(['config', 'target'])
-  app.run(main, flags_parser=functools.partial(train.parse_flags, program='vlrep.plan'))

@@ -13,7 +13,7 @@
 
 An exported vlrep model (`Pretrained.save`: config.json + params.safetensors) is what
 `vlrep.load(DIR)` reads and `config.init_from=DIR` fine-tunes. The conversions themselves
-live in `vlrep/interop/` (hf.py, to_hf.py, open_clip.py, to_open_clip.py); this is their
+live beside it in `vlrep/weights/` (hf.py, to_hf.py, open_clip.py, to_open_clip.py); this is their
 command line. A layout the target cannot express is refused with one line naming it.
 
 `--model_cfg` is a JSON file in open_clip's `model_configs/*.json` format, or the name of one
@@ -30,7 +30,7 @@ import os
 import jax
 from absl import app, flags
 
-from vlrep import paths
+from vlrep.runtime import paths
 
 DIRECTIONS = ('hf', 'open_clip')
 
@@ -59,7 +59,7 @@ def convert(state_dict: str, model_cfg: str, output: str):
   if not paths.isfile(state_dict):
     raise FileNotFoundError(f'--open_clip_state_dict={state_dict!r} not found')
   cfg = read_model_cfg(model_cfg)
-  from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import open_clip  # pylint: disable=g-import-not-at-top
   with paths.reading_locally(state_dict) as local_state_dict:
     model = open_clip.load_open_clip(local_state_dict, cfg)
   model.save(output)
@@ -68,7 +68,7 @@ def convert(state_dict: str, model_cfg: str, output: str):
 
 def from_hf(source: str, output: str):
   """A transformers directory -> an exported vlrep model at `output`; returns the model."""
-  from vlrep.interop import hf  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import hf  # pylint: disable=g-import-not-at-top
   source = os.path.expanduser(source)
   tokenizer_dir = os.path.join(os.path.abspath(output), 'tokenizer')
   if hf.has_tokenizer(source):
@@ -85,9 +85,9 @@ def to_format(target: str, source: str, output: str) -> str:
   from vlrep.pretrained import load  # pylint: disable=g-import-not-at-top
   model = load(os.path.expanduser(source))
   if target == 'hf':
-    from vlrep.interop import to_hf  # pylint: disable=g-import-not-at-top
+    from vlrep.weights import to_hf  # pylint: disable=g-import-not-at-top
     return to_hf.export_hf(model.config, model.params, output)
-  from vlrep.interop import to_open_clip  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import to_open_clip  # pylint: disable=g-import-not-at-top
   return to_open_clip.export_open_clip(model.config, model.params, output)
 
 
@@ -124,7 +124,8 @@ def main(argv: list[str]) -> None:
         f'vlrep.load({args.output!r}) or fine-tune with --config.init_from={args.output}')
 
 
-if __name__ == '__main__':
+def define_flags() -> None:
+  """Defines the command line's flags; `python -m vlrep.convert` calls it before `main`."""
   # Flags are defined only when run as a program, so tests can import this module.
   flags.DEFINE_string('from', None, "'hf': --input is a transformers CLIPModel or SiglipModel "
                       'directory to import.')
@@ -135,4 +136,3 @@ if __name__ == '__main__':
   flags.DEFINE_string('model_cfg', None, "open_clip's model config: a JSON file, or a name in "
                       "open_clip's model_configs (e.g. ViT-B-32).")
   flags.DEFINE_string('output', None, 'Directory to write to.')
-  app.run(main)

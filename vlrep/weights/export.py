@@ -26,8 +26,9 @@ import numpy as np
 import safetensors.numpy
 from jax.experimental import multihost_utils
 
-from vlrep import paths, sharding
 from vlrep.models.coca import build_model
+from vlrep.parallel import sharding
+from vlrep.runtime import paths
 
 CONFIG_FILE = 'config.json'
 PARAMS_FILE = 'params.safetensors'

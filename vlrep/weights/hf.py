@@ -16,7 +16,7 @@ last position, projected with a bias; the loss is sigmoid with the learned bias.
 tokenizer travels as `data.tokenizer=hf:DIR` (`vlrep/data/hf_tokenizer.py`). Anything else
 (other architectures, SigLIP 2's NaFlex `Siglip2Model`, no pooling head, unknown
 activations) is refused by name. `hf_fields(hf_config)` is the config mapping alone, which
-the export (`vlrep/interop/to_hf.py`) inverts and checks against.
+the export (`vlrep/weights/to_hf.py`) inverts and checks against.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from vlrep.data.tokenizer import get_tokenizer
-from vlrep.interop import hf_params
-from vlrep.interop.open_clip import _base_config, _check_shapes
+from vlrep.weights import hf_params
+from vlrep.weights.open_clip import _base_config, _check_shapes
 
 ARCHITECTURES = {'CLIPModel': 'clip', 'SiglipModel': 'siglip'}
 # transformers' `hidden_act` names -> vlrep's model.activation.
@@ -179,7 +179,7 @@ def _read_json(path: str) -> dict | None:
 
 def read_weights(path: str) -> dict[str, np.ndarray]:
   """`model.safetensors` (or the shards its index names) of a transformers directory."""
-  from vlrep.interop.open_clip import read_state_dict  # pylint: disable=g-import-not-at-top
+  from vlrep.weights.open_clip import read_state_dict  # pylint: disable=g-import-not-at-top
   single = os.path.join(path, 'model.safetensors')
   if os.path.isfile(single):
     return read_state_dict(single)
@@ -238,7 +238,7 @@ def copy_tokenizer(source: str, dest: str) -> None:
 def load_hf(path: str, tokenizer_dir: str | None = None):
   """A `vlrep.Pretrained` holding a transformers CLIPModel or SiglipModel (module doc)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlrep import sharding  # pylint: disable=g-import-not-at-top
+  from vlrep.parallel import sharding  # pylint: disable=g-import-not-at-top
   from vlrep.pretrained import Pretrained  # pylint: disable=g-import-not-at-top
 
   config, params = convert_dir(path, tokenizer_dir)

@@ -5,9 +5,9 @@
                                      checkpoint) or a directory written by `Pretrained.save`;
   open_clip:STATE_DICT:MODEL_CFG     an open_clip state dict file and its model config JSON
                                      (open_clip's `model_configs/*.json` format), converted
-                                     by `vlrep.interop.open_clip` (the last ':' separates them);
+                                     by `vlrep.weights.open_clip` (the last ':' separates them);
   hf:DIR                             a transformers CLIPModel / SiglipModel directory,
-                                     converted by `vlrep.interop.hf`.
+                                     converted by `vlrep.weights.hf`.
 Only parameters are taken: the step, the optimizer state and the data stream start afresh.
 The train loop applies it only to a run with no checkpoint of its own, so a resumed run
 continues from its own checkpoint. The weights must fit the run's model exactly (same
@@ -23,7 +23,8 @@ from typing import Any
 
 import jax
 
-from vlrep import export, paths
+from vlrep.runtime import paths
+from vlrep.weights import export
 
 OPEN_CLIP_PREFIX = 'open_clip:'
 HF_PREFIX = 'hf:'
@@ -39,7 +40,7 @@ def _open_clip_arrays(spec: str) -> dict[str, Any]:
   cfg = json.loads(paths.read_text(model_cfg))
   cfg = cfg.get('model_cfg', cfg)  # open_clip_config.json nests it
   # Imported here: the conversion needs open_clip's layout, not every run does.
-  from vlrep.interop import open_clip  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import open_clip  # pylint: disable=g-import-not-at-top
   with paths.reading_locally(state_dict) as local_state_dict:
     return export.host_arrays(open_clip.load_open_clip(local_state_dict, cfg).params)
 
@@ -51,12 +52,12 @@ def _hf_arrays(spec: str) -> dict[str, Any]:
                      'it down first')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'init_from={spec!r}: {path!r} is not a directory')
-  from vlrep.interop import hf  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import hf  # pylint: disable=g-import-not-at-top
   return export.named_arrays(hf.convert_dir(path)[1])
 
 
 def _run_arrays(path: str) -> dict[str, Any]:
-  from vlrep import checkpoint  # pylint: disable=g-import-not-at-top
+  from vlrep.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   config = export.read_config(path)
   # Restored in the shapes of the run that wrote them, so that a mismatch with this run's
   # model is reported by name rather than as an Orbax restore error.

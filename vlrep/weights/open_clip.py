@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from vlrep.interop.open_clip_params import StateDict, text_params, vision_params
 from vlrep.models.layers import ACTIVATIONS
+from vlrep.weights.open_clip_params import StateDict, text_params, vision_params
 
 # open_clip's LayerNorm default (torch.nn.LayerNorm); vlrep's default is 1e-6.
 TORCH_LN_EPS = 1e-5
@@ -240,7 +240,8 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any,
   """The converted tree must be exactly the tree `build_model(config)` initialises."""
   import jax
   import flax.linen as nn
-  from vlrep import export, step
+  from vlrep import step
+  from vlrep.weights import export
   from vlrep.models.coca import build_model
 
   model = build_model(config)
@@ -279,7 +280,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def load_open_clip(state_dict_path: str, model_cfg: Mapping[str, Any]):
   """A `vlrep.Pretrained` holding an open_clip CLIP or CoCa checkpoint (see module doc)."""
   import jax
-  from vlrep import sharding
+  from vlrep.parallel import sharding
   from vlrep.pretrained import Pretrained
 
   config, params = convert_state_dict(read_state_dict(state_dict_path), model_cfg)

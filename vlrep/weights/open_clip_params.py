@@ -4,7 +4,7 @@ Names follow open_clip's modules (`ResidualAttentionBlock`: ln_1, attn, ls_1, ln
 ls_2; `AttentionalPooler`: query, ln_q, ln_k, attn; `nn.MultiheadAttention`: packed
 `in_proj_weight` or separate q/k/v weights, `out_proj`); torch `Linear` weights are
 [out, in] and become [in, out] kernels, attention projections are split into heads.
-`vlrep/interop/open_clip.py` decides which of these the config calls for.
+`vlrep/weights/open_clip.py` decides which of these the config calls for.
 """
 
 from __future__ import annotations

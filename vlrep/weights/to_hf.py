@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlrep.interop import hf, hf_params
+from vlrep.weights import hf, hf_params
 
 _HIDDEN_ACT = {'quick_gelu': 'quick_gelu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh'}
 _CLIP_SPECIAL = ('<|startoftext|>', '<|endoftext|>')
@@ -129,7 +129,7 @@ def _write_tokenizer(config: ml_collections.ConfigDict, path: str) -> None:
 def export_hf(config: ml_collections.ConfigDict, params: Any, path: str) -> str:
   """Writes the transformers directory of a vlrep model (module docstring); returns path."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from vlrep import export  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import export  # pylint: disable=g-import-not-at-top
   from vlrep.data.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
 
   if config.model.text.multimodal_layers:

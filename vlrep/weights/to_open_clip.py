@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlrep.interop import open_clip
+from vlrep.weights import open_clip
 
 _GELU_KWARGS = {'gelu': None, 'gelu_tanh': {'approximate': 'tanh'}}
 _IGNORED = ('remat', 'scan_layers', 'dtype', 'param_dtype')
@@ -229,7 +229,7 @@ def export_open_clip(config: ml_collections.ConfigDict, params: Any, path: str) 
   """Writes the open_clip files of a vlrep model (module docstring); returns `path`."""
   import flax.traverse_util  # pylint: disable=g-import-not-at-top
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from vlrep import export  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import export  # pylint: disable=g-import-not-at-top
 
   cfg = open_clip_cfg(config)
   differences = layout_differences(config, cfg)
