@@ -16,7 +16,7 @@ setup(
     # CLIP's BPE vocabulary (data.tokenizer=clip_bpe) and its license notice.
     package_data={'vlrep.data': ['bpe_simple_vocab_16e6.txt.gz', 'NOTICE_clip_bpe.txt'],
                   # XLA's GPU target configs for `vlrep.plan` (see the folder's README).
-                  'vlrep': ['gpu_targets/*.txtpb', 'gpu_targets/README.md']},
+                  'vlrep.tools': ['gpu_targets/*.txtpb', 'gpu_targets/README.md']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.6',
@@ -39,8 +39,8 @@ setup(
     extras_require={
         # tfds:NAME sources read with tfds.data_source (no TensorFlow needed for many sets).
         'tfds': ['tensorflow-datasets>=4.9'],
-        # gs:// paths (vlrep/paths.py): etils.epath over gcsfs; Orbax reaches buckets through
-        # TensorStore and array_record through its own client, both already installed.
+        # gs:// paths (vlrep/runtime/paths.py): etils.epath over gcsfs; Orbax reaches buckets
+        # through TensorStore and array_record through its own client, both already installed.
         'gcs': ['gcsfs>=2024.2', 'etils[epath]>=1.7'],
         # python -m vlrep.data.ingest --runner=...: Apache Beam. It pins pillow < 13 and
         # protobuf < 7, so .ci/run installs it in an environment of its own.
@@ -52,7 +52,7 @@ setup(
         # torch (the CPU wheel on this project's machines) and tqdm: open_clip's own
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
-        # CUDA build; tests/interop/open_clip_shim.py explains the torchvision stub).
+        # CUDA build; tests/weights/open_clip_shim.py explains the torchvision stub).
         # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
         # the captioning metrics are checked against it live, not only against stored values.
         # transformers and tokenizers: the Hugging Face interop tests (data.tokenizer=hf:DIR

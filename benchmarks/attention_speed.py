@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from config_spec import load_config
-from vlrep import bench
 from vlrep.models import layers
+from vlrep.tools import bench
 
 IMPLEMENTATIONS = {'vlrep': layers.dot_product_attention,
                    'jax.nn': lambda q, k, v, mask=None: jax.nn.dot_product_attention(

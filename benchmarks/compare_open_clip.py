@@ -5,7 +5,7 @@ Builds open_clip's `CoCa` with the architecture of `configs/coca.py:VARIANT` (de
 batch in interleaved rounds (one step of each per round, after warm-up) so that load from
 other processes hits both alike. open_clip: AdamW, `CoCaLoss` (contrastive weight 1,
 caption weight 2, PAD ignored), gradient clipping at 1, float32, `torch.set_num_threads`
-= the CPU count, `OMP_WAIT_POLICY=PASSIVE` unless set. vlrep: the real `train_step` (`vlrep.bench.compile_step`) of the config.
+= the CPU count, `OMP_WAIT_POLICY=PASSIVE` unless set. vlrep: the real `train_step` (`vlrep.tools.bench.compile_step`) of the config.
 Prints both examples/s and their ratio; the last line is one JSON object.
 
 Optional dependency (not part of CI): `pip install open_clip_torch torch`. Run from the
@@ -36,9 +36,9 @@ from config_spec import load_config
 
 def _import_open_clip():
   """open_clip, importable beside CPU torch although it imports torchvision at module level
-  (tests/interop/open_clip_shim.py stubs the names it needs when torchvision cannot load)."""
+  (tests/weights/open_clip_shim.py stubs the names it needs when torchvision cannot load)."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
-                                  'interop'))
+                                  'weights'))
   import open_clip_shim  # noqa: F401  (before open_clip)
   import open_clip
   return open_clip
@@ -85,7 +85,7 @@ def main() -> None:
   open_clip = _import_open_clip()
   import torch
 
-  from vlrep import bench, flops
+  from vlrep.tools import bench, flops
 
   config = load_config(f'configs/coca.py:{args.variant}')
   if args.batch:

@@ -28,7 +28,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from vlrep import losses, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlrep import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlrep.parallel import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATA_DEVICES = 8
 

@@ -24,14 +24,14 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests', 'interop'))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests', 'weights'))
 import open_clip_shim  # noqa: E402,F401  (open_clip imports torchvision; see the module)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import vlrep  # noqa: E402
 from vlrep.data.tokenizer import train_sentencepiece  # noqa: E402
-from vlrep.interop import to_hf, to_open_clip  # noqa: E402
+from vlrep.weights import to_hf, to_open_clip  # noqa: E402
 
 TEXTS = ['a photo of a cat', 'a diagram of a cell']
 

@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests', 'interop'))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests', 'weights'))
 import open_clip_shim  # noqa: E402,F401  (open_clip imports torchvision; see the module)
 import open_clip  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
 """Where a train step's time goes on XLA:CPU: op time by kind, pass and tower.
 
-Compiles the real train step of a config (`vlrep.bench.compile_step`), runs it under
+Compiles the real train step of a config (`vlrep.tools.bench.compile_step`), runs it under
 `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData` and sums the
 time of every XLA op (thunk) event by:
 - kind: `matmul` (a dot or library fusion with a rank-2 result), `attention_bmm` (rank-4
@@ -29,7 +29,7 @@ import jax
 from jax.profiler import ProfileData
 
 from config_spec import load_config
-from vlrep import bench
+from vlrep.tools import bench
 
 RUNS = 2
 

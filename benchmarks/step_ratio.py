@@ -1,6 +1,6 @@
 """Train-step time of several configs measured side by side: CoCa vs CLIP, and the levers.
 
-Compiles the real train step (`vlrep.bench.compile_step`) of each named setting, then
+Compiles the real train step (`vlrep.tools.bench.compile_step`) of each named setting, then
 times them in interleaved rounds (one step of each per round, after warm-up), so that
 load from other processes on a shared machine hits every setting alike; prints the median
 step time of each, its ratio to the first, and its analytic model FLOPs. The last line is
@@ -23,7 +23,7 @@ import json
 import statistics
 
 from config_spec import load_config
-from vlrep import bench, flops
+from vlrep.tools import bench, flops
 
 
 def settings(variant: str) -> dict:

@@ -13,14 +13,14 @@ learns, before it costs accelerator time.
 
 import ml_collections
 
-from vlrep import sharding
 from vlrep.evals import entries
+from vlrep.parallel import sharding
 
 # name: (image size, patch, width, heads, vision layers, vision mlp, text uni, text multi,
 #        text mlp, vocab, captioning queries, text length)
 # `small` is the CPU benchmark (`python -m vlrep.bench`): CoCa's proportions at CPU scale, the
 # image encoder holding most of the FLOPs and a realistic 32k vocabulary, so that its LM head
-# (~11% of the step's FLOPs, `vlrep.flops`) is not what is measured.
+# (~11% of the step's FLOPs, `vlrep.tools.flops`) is not what is measured.
 _VARIANTS = {
     'tiny': (64, 8, 128, 4, 4, 512, 2, 1, 512, 259, 16, 64),
     'small': (128, 8, 256, 4, 8, 1024, 3, 3, 1024, 32_000, 64, 32),
@@ -77,14 +77,14 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
   c.evals = entries.synthetic_evals() if demo else entries.benchmark_evals()
   # Start a new run from these weights (params only): a vlrep run directory, a directory
   # written by Pretrained.save / vlrep.convert, or open_clip:STATE_DICT:MODEL_CFG_JSON
-  # (vlrep/init_from.py). '' = random initialisation. A resumed run ignores it.
+  # (vlrep/weights/init_from.py). '' = random initialisation. A resumed run ignores it.
   c.init_from = ''
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).
   # dcn_data / dcn_fsdp: the ways of those axes across TPU slices or GPU hosts;
   # replicate_max_bytes: the largest array replicated when a dimension does not divide
-  # (vlrep/sharding.py MESH_DEFAULTS, where their defaults live).
+  # (vlrep/parallel/sharding.py MESH_DEFAULTS, where their defaults live).
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1,
                                       **sharding.MESH_DEFAULTS})
   # Passes per step for memory (GradCache): the contrastive loss still sees the whole batch.
@@ -102,7 +102,7 @@ def _variant(variant: str) -> ml_collections.ConfigDict:
       # Conv stem for the CPU-sized models (they learn shapes much faster); plain patchify
       # for the paper's models.
       'stem_channels': (24, 48, 96) if variant == 'tiny' else (),
-      # Layout options for imported checkpoints (open_clip: `vlrep/interop`), off for ours:
+      # Layout options for imported checkpoints (open_clip: `vlrep/weights`), off for ours:
       # CLIP's class token (prepended) and LayerNorm before the blocks, the patch
       # projection's bias, the LayerNorm on the output tokens, LayerNorm epsilon, and
       # LayerScale's initial value (0 = none); uint8 images' RGB mean and std (CLIP's).

@@ -37,7 +37,7 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 
 def get_config(path: str) -> ml_collections.ConfigDict:
-  from vlrep import paths  # pylint: disable=g-import-not-at-top  (a local or gs:// DIR)
+  from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top  (a local or gs:// DIR)
   file = path if path.endswith('.json') else paths.join(path, 'config.json')
   if not paths.isfile(file):
     raise FileNotFoundError(f'configs/saved.py:{path}: {file} not found (expected a vlrep run '

@@ -21,9 +21,12 @@ from PIL import Image
 
 import vlrep
 from conftest import REPO, override_flags
-from vlrep import evaluate, export, init_from, paths, train
+from vlrep import train
 from vlrep.data import ingest
 from vlrep.data.synthetic import SyntheticShapes
+from vlrep.evals import evaluate
+from vlrep.runtime import paths
+from vlrep.weights import export, init_from
 
 
 def _pairs_csv(folder, count=40) -> str:

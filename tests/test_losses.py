@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlrep import losses
 
-# Stand-ins for vlrep.sharding's names: losses.py must take whatever the caller passes.
+# Stand-ins for vlrep.parallel.sharding's names: losses.py must take whatever the caller passes.
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 

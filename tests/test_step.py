@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from vlrep import losses, sharding, step
+from vlrep import losses, step
 from vlrep.data import pipeline
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
+from vlrep.parallel import sharding
 
 
 def _state(config, devices=None):

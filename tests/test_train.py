@@ -13,7 +13,8 @@ import pytest
 
 import vlrep
 from conftest import REPO, assert_same_params, override_flags
-from vlrep import checkpoint, nonfinite, train
+from vlrep import train
+from vlrep.runtime import checkpoint, nonfinite
 
 
 @pytest.fixture(scope='module')

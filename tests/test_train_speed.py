@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from vlrep import flops, train
+from vlrep import train
 from vlrep.data import pipeline
+from vlrep.tools import flops
 
 
 def _records(workdir):

@@ -9,9 +9,9 @@ is `python -m vlrep.train`; `python -m vlrep.convert` moves weights between vlre
 directories, open_clip and transformers.
 """
 
-from vlrep.interop.hf import load_hf
-from vlrep.interop.open_clip import load_open_clip
 from vlrep.pretrained import Pretrained, load
+from vlrep.weights.hf import load_hf
+from vlrep.weights.open_clip import load_open_clip
 
 __all__ = ['Pretrained', 'load', 'load_hf', 'load_open_clip']
 __version__ = '0.1.0'

@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlrep import decode, sharding
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals import retrieval, zeroshot
+from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
+from vlrep.parallel import sharding
 
 
 # Decoding methods of `Pretrained.caption` and the options each accepts.
@@ -139,7 +140,7 @@ class Pretrained:
 
     `method` is one of CAPTION_METHODS: 'greedy' (options: min_len, repetition_penalty),
     'beam' (beam_size, length_penalty, min_len, repetition_penalty) or 'sample'
-    (temperature, top_k, top_p, repetition_penalty, min_len, seed); see `vlrep.decode`.
+    (temperature, top_k, top_p, repetition_penalty, min_len, seed); see `vlrep.models.decode`.
     """
     if not self.config.model.text.multimodal_layers:
       raise ValueError('this model has no multimodal layers, so it cannot caption')
@@ -226,8 +227,9 @@ class Pretrained:
 
   def save(self, path: str) -> str:
     """Writes the model to the directory `path` (config.json + params.safetensors, see
-    `vlrep.export`); `vlrep.load(path)` reads it on any device count. Call on every process."""
-    from vlrep import export  # pylint: disable=g-import-not-at-top
+    `vlrep.weights.export`); `vlrep.load(path)` reads it on any device count. Call on every
+    process."""
+    from vlrep.weights import export  # pylint: disable=g-import-not-at-top
     return export.save(path, self.config, self.params)
 
 
@@ -236,8 +238,8 @@ def load(path: str, step: int | None = None, *,
   """The model of a training run directory (its latest checkpoint, or `step`) or of a
   directory written by `Pretrained.save`, placed on `mesh` (default: every device on the
   batch axes) whatever the device count it was trained or saved on."""
-  from vlrep import export  # pylint: disable=g-import-not-at-top
-  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  from vlrep.weights import export  # pylint: disable=g-import-not-at-top
+  from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top
   path = paths.local(paths.check(path))
   mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
   config = export.read_config(path)
@@ -247,6 +249,6 @@ def load(path: str, step: int | None = None, *,
       raise ValueError(f'{path!r} is an exported model, which has no steps (step={step})')
     params = export.place(export.read_arrays(path), abstract, path)
   else:
-    from vlrep import checkpoint  # orbax is only needed here, not for Pretrained itself
+    from vlrep.runtime import checkpoint  # orbax is only needed here, not for Pretrained itself
     params = checkpoint.restore_params(path, config, step, mesh)
   return Pretrained(config, params, mesh=mesh)

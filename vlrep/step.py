@@ -26,8 +26,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlrep import losses, optim, sharding
+from vlrep import losses, optim
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
+from vlrep.parallel import sharding
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
 # train_step's metric that says whether the step's loss and gradients were all finite (and so
@@ -204,7 +205,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
                                                            state.learning_rate_fn))
   # A non-finite loss or gradient drops the whole update: parameters and optimizer state stay
   # as they were (the step counter still advances past the batch). The loop decides, from
-  # `train/finite`, whether to go on (config.nan_policy, vlrep.nonfinite). Written here
+  # `train/finite`, whether to go on (config.nan_policy, vlrep.runtime.nonfinite). Written here
   # rather than with optax.apply_if_finite, which would check the gradients only and add
   # counters to the optimizer state (and so to every checkpoint's layout).
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))

@@ -21,17 +21,19 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import (checkpoint, distributed, init_from, losses, nonfinite, paths, sharding,
-                   step as step_lib)
-from vlrep import flops as flops_lib
+from vlrep import losses, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
-from vlrep.metrics import MetricWriter
 from vlrep.models.coca import build_model
 from vlrep.optim import make_optimizer
-from vlrep.preemption import PreemptionWatcher
+from vlrep.parallel import distributed, sharding
 from vlrep.pretrained import Pretrained
+from vlrep.runtime import checkpoint, nonfinite, paths
+from vlrep.runtime.metrics import MetricWriter
+from vlrep.runtime.preemption import PreemptionWatcher
+from vlrep.tools import flops as flops_lib
+from vlrep.weights import init_from
 
 
 class ConfigError(ValueError):
@@ -229,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics['train/examples_per_s'] = config.batch_size / seconds_per_step
         # Of the wall time since the last log: waiting for the next batch (input-bound near 1).
         metrics['train/data_wait_fraction'] = data_wait / max(now - last_log_time, 1e-9)
-        if peak:  # the chip's bf16 dense peak is known (vlrep.flops.PEAK_TFLOPS)
+        if peak:  # the chip's bf16 dense peak is known (vlrep.tools.flops.PEAK_TFLOPS)
           metrics['train/mfu'] = model_flops / seconds_per_step / (peak * 1e12 * mesh.size)
         data_wait = 0.0
         # Undecodable records replaced since this process started (pipeline._SkipFailed).

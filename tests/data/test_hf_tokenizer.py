@@ -74,7 +74,7 @@ def gemma_dir(tmp_path_factory):
 
 def clip_files(directory, pad_token='<|endoftext|>'):
   """CLIP's tokenizer files (vocab.json, merges.txt) from vlrep's own CLIP BPE vocabulary."""
-  from vlrep.interop import to_hf
+  from vlrep.weights import to_hf
   to_hf.write_clip_tokenizer(directory, pad_token=pad_token)
   return str(directory)
 

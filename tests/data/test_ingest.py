@@ -285,7 +285,7 @@ def _img2dataset_shard(folder) -> None:
 
 
 def test_img2dataset_parquet_and_tar_layout_locally_and_on_a_bucket(tmp_path, bucket):
-  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top
   _img2dataset_shard(tmp_path / 'shards')
   manifest = ingest.ingest(str(tmp_path / 'shards/*.tar'), str(tmp_path / 'out'), workers=1)
   assert manifest['records'] == 2

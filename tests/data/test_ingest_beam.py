@@ -16,8 +16,8 @@ beam = pytest.importorskip('apache_beam')
 
 from conftest import REPO  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_ingest import _image_bytes, _shard_bytes, _tar, _write  # pylint: disable=all
-from vlrep import paths  # pylint: disable=wrong-import-position
 from vlrep.data import ingest, ingest_beam  # pylint: disable=wrong-import-position
+from vlrep.runtime import paths  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.beam
 DIRECT = ['--runner=DirectRunner']

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import load_config, shrink
-from vlrep import sharding
 from vlrep.data import pipeline
 from vlrep.data.synthetic import SyntheticShapes
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
+from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 

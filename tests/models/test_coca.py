@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, shrink
-from vlrep import decode
 from vlrep.data.tokenizer import EOS_ID
+from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model, clamp_temperature
 from vlrep.pretrained import Pretrained
 from vlrep.step import example_batch, init_params, output_head
@@ -250,7 +250,7 @@ def test_default_layout_has_no_layout_option_parameters(config):
 
 def test_single_pooler_layout(config):
   """open_clip's CoCa pooling: one pooler; the mean of all queries but the first is the
-  contrastive vector ('avg'), those queries are the caption tokens. (Numbers: tests/interop.)"""
+  contrastive vector ('avg'), those queries are the caption tokens. (Numbers: tests/weights.)"""
   config.model.update(pooler='single', image_pool='avg')
   config.model.vision.class_token = True
   model = build_model(config)

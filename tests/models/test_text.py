@@ -65,7 +65,7 @@ def test_cached_decode_steps_equal_the_full_forward_pass(config):
   tokens = _tokens(config, ['two red circles', 'one blue square and a cross'])
   full = model.apply({'params': params}, images, tokens)['caption_logits']
   _, context = model.apply({'params': params}, images, method=CoCa.encode_image)
-  from vlrep.decode import init_cache
+  from vlrep.models.decode import init_cache
   cache = init_cache(decoder, params, context, config.data.max_text_len)
   for t in range(10):
     logits, variables = decoder.apply({'params': params, 'cache': cache}, tokens[:, t:t + 1],
@@ -76,7 +76,7 @@ def test_cached_decode_steps_equal_the_full_forward_pass(config):
 
 
 def _open_clip_layout(config, **text):
-  """The shrunk config with open_clip CoCa's layout options (see vlrep/interop)."""
+  """The shrunk config with open_clip CoCa's layout options (see vlrep/weights)."""
   config.model.update(pooler='single', image_pool='tok', pooler_heads=1, pooler_width=32,
                       pooler_query_norm=True, activation='quick_gelu', ln_eps=1e-5)
   config.model.vision.update(class_token=True, ln_pre=True, patch_bias=False, final_norm=False)
@@ -100,7 +100,7 @@ def test_open_clip_layout_cached_decode_equals_the_full_forward_pass(config):
       model.apply({'params': p}, x, method=CoCa.encode_image)[1]))(params, images, tokens)
   assert full.shape == (2, config.data.max_text_len, config.model.text.vocab_size)
   assert context.shape == (2, config.model.captioning_queries - 1, 32)
-  from vlrep.decode import init_cache
+  from vlrep.models.decode import init_cache
   cache = init_cache(decoder, params, context, config.data.max_text_len)
   step = jax.jit(lambda cache, token, context: decoder.apply(
       {'params': params, 'cache': cache}, token, context, method=CoCa.decode_step,

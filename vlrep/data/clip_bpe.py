@@ -101,7 +101,7 @@ class ClipBpeTokenizer:
 
   def vocabulary(self) -> tuple[list[str], list[tuple[str, str]]]:
     """(every piece by id, the merges by rank): what a transformers CLIPTokenizer's
-    vocab.json and merges.txt hold (`vlrep/interop/to_hf.py` writes them)."""
+    vocab.json and merges.txt hold (`vlrep/weights/to_hf.py` writes them)."""
     return list(self._pieces), sorted(self._ranks, key=self._ranks.get)
 
   def __reduce__(self):

@@ -36,8 +36,8 @@ from absl import app, flags
 from array_record.python import array_record_module
 from PIL import Image, ImageOps
 
-from vlrep import paths
 from vlrep.data import ingest_inputs, records
+from vlrep.runtime import paths
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_IMAGE_BYTES = 256 << 20

@@ -26,8 +26,8 @@ from typing import Any, Iterator, Sequence
 
 from array_record.python import array_record_module
 
-from vlrep import paths
 from vlrep.data import ingest, ingest_inputs
+from vlrep.runtime import paths
 
 NAMESPACE = 'vlrep.ingest'
 BLOCK = 1000  # input positions per rank block

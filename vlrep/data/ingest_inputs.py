@@ -19,7 +19,7 @@ import re
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
-from vlrep import paths
+from vlrep.runtime import paths
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
 

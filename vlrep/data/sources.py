@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from vlrep import paths as paths_lib
 from vlrep.data import records
 from vlrep.data.synthetic import SyntheticShapes
+from vlrep.runtime import paths as paths_lib
 
 SOURCES = ('synthetic[:train|test]', 'arrayrecord:PATH (directory, file or glob)',
            'tfds:NAME[/CONFIG][:SPLIT]')

@@ -27,7 +27,7 @@ DEFAULT_TEMPLATES = (
 
 def read_class_names(path: str) -> list[str]:
   """One class name per non-empty line, in label order."""
-  from vlrep import paths  # pylint: disable=g-import-not-at-top
+  from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top
   names = [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
   if not names:
     raise ValueError(f'class names file {path!r} is empty')

@@ -2,11 +2,11 @@
 
 Pre-LayerNorm blocks (self-attention, optional cross-attention, MLP) and the attentional
 pooler (learned queries, one attention layer). Every parameter is created with logical axis
-names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) that `vlrep/sharding.py` maps to mesh
+names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) that `vlrep/parallel/sharding.py` maps to mesh
 axes; nothing here knows about meshes. Attention layers can run autoregressively
 (`decode=True`), keeping keys and values in the `cache` collection.
 
-Options that express other checkpoints' layouts (open_clip's, see `vlrep/interop`) keep
+Options that express other checkpoints' layouts (open_clip's, see `vlrep/weights`) keep
 the paper's layout as their default: the MLP activation (`ACTIVATIONS`), the LayerNorm
 epsilon, LayerScale, and the decoder block `layout` ('fused': one block with self-attention,
 cross-attention and one MLP; 'split': a self-attention block with its MLP, then a
@@ -57,7 +57,7 @@ float32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_t
 class _LogicalNames(nn.LogicallyPartitioned):
   """Logical axis names of a parameter, never turned into a sharding constraint on unboxing.
 
-  A parameter's sharding comes from the jit's in_shardings (`vlrep.sharding`). Under axis
+  A parameter's sharding comes from the jit's in_shardings (`vlrep.parallel.sharding`). Under axis
   rules Flax would also constrain it on every unbox, including in DenseGeneral's shape check,
   which unboxes the flat rank-2 kernel with its rank-3 names and fails.
   """

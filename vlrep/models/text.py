@@ -6,7 +6,7 @@ so the [CLS] output does not depend on how much padding follows the caption. The
 multimodal layers continue from the unimodal token outputs, cross-attend to the image
 tokens and predict the next token. Both halves are causal, so one pass serves the
 contrastive and the captioning loss. With `decode=True` both halves run one token at a
-time from a KV cache (see `vlrep/decode.py`). Each half is a `BlockStack`: blocks
+time from a KV cache (see `vlrep/models/decode.py`). Each half is a `BlockStack`: blocks
 `unimodal_<i>` / `multimodal_<i>`, or with `scan_layers` one scanned `unimodal` / `multimodal`.
 
 Options for other layouts (defaults: the above), used to load open_clip's CLIP and CoCa:
