@@ -121,8 +121,9 @@ def test_temperature_at_its_bound_stays_trainable_and_clamped(config, learning_r
   state = _sgd_state(config, learning_rate)
   bound = np.float32(np.log(100.0))
   state = state.replace(params={**state.params, 'logit_scale': jnp.asarray(bound)})
-  grad = jax.grad(lambda p: step.compute_losses(state.model, p, batch, state.loss_config)[0])(
-      state.params)['logit_scale']
+  grad = jax.jit(jax.grad(
+      lambda p: step.compute_losses(state.model, p, batch, state.loss_config)[0]))(
+          state.params)['logit_scale']
   assert float(grad) > 1e-3  # live at the bound (exp(min(x, ln 100)) would give 0 here)
   after, metrics = jax.jit(step.train_step)(state, batch)
   if learning_rate > 0:
@@ -183,7 +184,7 @@ def test_bfloat16_caption_loss_reads_float32_logits(config, chunk):
   assert abs(float(rounded) - float(want)) > 3e-5  # what the tolerance is there to catch
 
 
-@pytest.mark.parametrize('chunk, microbatches', [(0, 1), (5, 1), (0, 2)])
+@pytest.mark.parametrize('chunk, microbatches', [(5, 1), (0, 2)])
 def test_the_model_pad_id_is_the_one_the_losses_skip(config, chunk, microbatches):
   """A model with text.pad_id=4 on batches padded with 4 trains exactly as pad id 0 on the
   same batches padded with 0: the losses and every gradient agree (a step that skipped a

@@ -1,7 +1,8 @@
 """The paper recipes learn: each family's base recipe (Adafactor, its schedule shape, weight
 decay, loss weights, bfloat16) on the tiny demo's model and data (`configs/*.py:base@tiny`),
-cut to 40 steps of batch 32 without evaluation. The README's recipe table has the
-full-length (720-step) runs and their evaluations."""
+cut to 40 steps of batch 32 without evaluation; CLIP's recipe is CoCa's without captions
+(compared field by field). The README's recipe table has the full-length (720-step) runs and
+their evaluations."""
 
 import json
 import os
@@ -21,7 +22,17 @@ def _field(config, name):
   return config.to_dict() if hasattr(config, 'to_dict') else config
 
 
-@pytest.mark.parametrize('family', ['coca', 'clip', 'siglip'])
+def test_clip_recipe_is_cocas_without_the_caption_loss():
+  """So that CoCa's run below covers CLIP's recipe (it trains the same contrastive part)."""
+  coca, clip = load_config('coca', 'base@tiny'), load_config('clip', 'base@tiny')
+  for name in RECIPE_FIELDS:
+    if name != 'loss':
+      assert _field(clip, name) == _field(coca, name), name
+  assert clip.loss.caption_weight == 0 and clip.model.text.multimodal_layers == 0
+  assert clip.loss.contrastive_weight == coca.loss.contrastive_weight
+
+
+@pytest.mark.parametrize('family', ['coca', 'siglip'])
 def test_paper_recipe_learns_the_synthetic_set(family, tmp_path):
   base = load_config(family, 'base')
   for size in ('large', 'giant'):  # one recipe for the three sizes: base@tiny tests all
