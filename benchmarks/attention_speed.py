@@ -1,4 +1,5 @@
-"""Attention implementations: vlrep's against jax.nn.dot_product_attention (and cuDNN on GPU).
+"""Attention implementations: vlrep's (jax.nn.dot_product_attention) against a heads-major
+layout of the same products (and cuDNN on GPU).
 
 Times the attention core alone (forward, and forward+backward) at the vision shapes of a
 config (batch x patches x heads x head width), and the config's whole train step with each
@@ -26,9 +27,20 @@ from config_spec import load_config
 from vlrep.models import layers
 from vlrep.tools import bench
 
-IMPLEMENTATIONS = {'vlrep': layers.dot_product_attention,
-                   'jax.nn': lambda q, k, v, mask=None: jax.nn.dot_product_attention(
-                       q, k, v, mask=mask)}
+def heads_major(query, key, value, mask=None):
+  """The products on [B, heads, T, d] operands, with float32 logits and jax's fill value: the
+  lever measured against XLA's token-major layout (vlrep used it on CPU until issue 17)."""
+  scale = query.shape[-1] ** -0.5
+  query, key, value = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
+  logits = jnp.einsum('bhtd,bhsd->bhts', query, key, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  return jnp.einsum('bhts,bhsd->bhtd', probs, value).transpose(0, 2, 1, 3)
+
+
+IMPLEMENTATIONS = {'vlrep': layers.dot_product_attention, 'heads_major': heads_major}
 if jax.default_backend() == 'gpu':
   IMPLEMENTATIONS['cudnn'] = lambda q, k, v, mask=None: jax.nn.dot_product_attention(
       q, k, v, mask=mask, implementation='cudnn')

@@ -1,5 +1,5 @@
 """The benchmark scripts that CI can afford: optimizer-state sizes, the op classifier and the
-attention timer's handling of an implementation that fails."""
+attention timer's handling of an implementation that fails and its alternative's numerics."""
 
 import json
 import os
@@ -48,5 +48,29 @@ def test_attention_speed_reports_a_failing_implementation_and_times_the_rest(mon
   monkeypatch.setitem(attention_speed.IMPLEMENTATIONS, 'unsupported', unsupported)
   core = attention_speed.core_times(batch=2, tokens=8, heads=2, head_dim=4)
   assert core['unsupported'] == {'error': 'NotImplementedError: no kernel for these shapes'}
-  for name in ('vlrep', 'jax.nn'):
+  for name in ('vlrep', 'heads_major'):
     assert core[name]['forward_ms'] > 0 and core[name]['forward_backward_ms'] > 0
+
+
+def test_attention_timer_compares_the_same_computation():
+  """The heads-major layout it times computes vlrep's attention: values, gradients, a padding
+  mask with one fully masked query row (which attends uniformly), float32 and bfloat16."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from attention_speed import heads_major
+  from vlrep.models.layers import dot_product_attention
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+    q, k, v = (jax.random.normal(jax.random.key(i), shape, dtype)
+               for i, shape in enumerate([(2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)]))
+    mask = jnp.ones((2, 1, 5, 7), bool).at[0, :, :, 4:].set(False).at[1, :, 2, :].set(False)
+    ours = lambda q, k, v: dot_product_attention(q, k, v, mask)
+    other = lambda q, k, v: heads_major(q, k, v, mask)
+    np.testing.assert_allclose(np.float32(other(q, k, v)), np.float32(ours(q, k, v)),
+                               atol=tol, rtol=tol)
+    loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv).astype(jnp.float32)))
+    for got, want in zip(jax.grad(loss(other), (0, 1, 2))(q, k, v),
+                         jax.grad(loss(ours), (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(np.float32(got), np.float32(want), atol=5 * tol, rtol=5 * tol)
+    np.testing.assert_allclose(np.float32(ours(q, k, v))[1, 2],
+                               np.float32(v[1].astype(jnp.float32).mean(0)), atol=tol, rtol=tol)

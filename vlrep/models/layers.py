@@ -124,26 +124,12 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """softmax(q k^T / sqrt(d)) v over [B, T, heads, d] queries and [B, S, heads, d] keys and
   values; `mask` is boolean, broadcastable to [B, heads, T, S] (True = may attend).
 
-  On GPU this is `jax.nn.dot_product_attention`, as before this function existed (its XLA
-  path: JAX picks cuDNN's fused kernel only when asked by name, which has not been tried
-  for want of a GPU). Elsewhere the products run heads-major ([B, heads, T, d]), with the same float32 logits
-  and fill value: at coca.py:small's vision shapes, XLA:CPU ran jax.nn.dot_product_attention's
-  token-major products 1.2-2.2x slower forward and 1.15x slower forward+backward, and the
-  whole small train step 1.04x slower (two runs of `benchmarks/attention_speed.py`). On TPU
-  the layout is XLA's choice either way.
+  `jax.nn.dot_product_attention` (XLA's path: float32 logits and softmax for bfloat16 inputs;
+  a fully masked row attends uniformly, never NaN) on every backend. The one name the layers
+  call, so that benchmarks/attention_speed.py can swap in the others it measures (a
+  heads-major CPU layout, cuDNN's fused kernel); its results are in benchmarks/RESULTS.md.
   """
-  if jax.default_backend() == 'gpu':
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
-  scale = query.shape[-1] ** -0.5
-  query, key, value = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
-  logits = jnp.einsum('bhtd,bhsd->bhts', query, key, preferred_element_type=jnp.float32)
-  logits = logits * scale
-  if mask is not None:
-    # jax.nn.dot_product_attention's fill: a fully masked row attends uniformly, never NaN.
-    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
-  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum('bhts,bhsd->bhtd', probs, value)
-  return out.transpose(0, 2, 1, 3)
+  return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
 class Attention(nn.Module):
