@@ -29,9 +29,11 @@ from vlrep.runtime import paths
 from vlrep.weights import export
 
 # Orbax splits each replicated array among its replicas ("replica-parallel" writes) by slicing
-# it on device: one small XLA compile per distinct shape and device, ~6 s on the first save
-# of a tiny model on 8 CPU devices for 7 MB of data. Below 1 MiB per replica the slicing costs
-# more than the writing it shares; big arrays (where sharing the write pays) still use it.
+# it on device: one small XLA compile per distinct shape and device, which for many small
+# arrays costs far more than the writing it shares (benchmarks/RESULTS.md "Checkpoints").
+# Below 1 MiB per replica it is off; big arrays (where sharing the write pays) still use it.
+# Registered through Orbax's private metadata module: the default jax.Array handler is built
+# with its array-metadata store, and no public API sets this option on that handler.
 _MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
 
 
