@@ -66,7 +66,7 @@ def adafactor_decay_rate(step: jax.Array, b2: float) -> jax.Array:
 
 
 def _preconditioner(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  factor_min_dim = int(optim.get('factor_min_dim', DEFAULT_FACTOR_MIN_DIM))  # older configs
+  factor_min_dim = int(optim.factor_min_dim)
   if optim.name == 'adamw':
     if factor_min_dim != DEFAULT_FACTOR_MIN_DIM:
       raise ValueError(f'optim.factor_min_dim={factor_min_dim} applies to '

@@ -49,7 +49,7 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
-    caption_chunk = int(loss.get('caption_chunk', 0))  # configs saved before it: plain loss
+    caption_chunk = int(loss.caption_chunk)
     if caption_chunk < 0:
       raise ValueError(f'loss.caption_chunk must be >= 0 (0 = unchunked), got {caption_chunk}')
     return cls(contrastive_weight=float(loss.contrastive_weight),
@@ -239,7 +239,7 @@ def init_params(model: CoCa, config: ml_collections.ConfigDict, rng: jax.Array) 
   """
   batch = example_batch(config)
   params = model.init(rng, batch['images'], batch['tokens'])['params']
-  dtype = compute_dtype(config.model.get('param_dtype', 'float32'), 'model.param_dtype')
+  dtype = compute_dtype(config.model.param_dtype, 'model.param_dtype')
   return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
 
 

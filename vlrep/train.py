@@ -115,7 +115,7 @@ def setup_step(config: ml_collections.ConfigDict,
 
 def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """`config.profile_steps` 'START:COUNT' as (START, COUNT); '' (the default) is (0, 0)."""
-  spec = config.get('profile_steps', '')  # configs saved before the field: no profile
+  spec = config.profile_steps
   if not spec:
     return 0, 0
   try:
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start is not None:
     state = checkpointer.restore(start, state, state_shardings, data_iterator)
     logging.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), start)
-  elif config.get('init_from'):  # only a fresh run: a resumed one continues from its own
+  elif config.init_from:  # only a fresh run: a resumed one continues from its own
     state = state.replace(params=init_from.load_params(config.init_from, state.params))
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)

@@ -139,7 +139,7 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   source = source_from_config(config, data.train)
   stream = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
   # On the global stream, so random_map's generator is seeded by (seed, global position).
-  decode = transforms.DecodeAndAugment(data.image_size, data.get('augment', 'resize'))
+  decode = transforms.DecodeAndAugment(data.image_size, data.augment)
   stream = _SkipFailed(stream.random_map(decode))
   local = _ProcessSlice(stream, config.batch_size, process_index, process_count, rows)
   tokenize = transforms.Tokenize(get_tokenizer(data.tokenizer), data.max_text_len)
@@ -177,7 +177,7 @@ def input_workers(data: ml_collections.ConfigDict, cores: int | None = None) -> 
   outside this process's GIL, each with 2 reading threads.
   """
   cores = host_cores() if cores is None else cores
-  threads, workers = int(data.worker_threads), int(data.get('workers', 0))
+  threads, workers = int(data.worker_threads), int(data.workers)
   if workers == 0:
     workers = 0 if cores < 8 else min(32, cores // 4)
   workers = max(workers, 0)  # -1: none
@@ -277,7 +277,7 @@ def eval_examples(config: ml_collections.ConfigDict, spec: str = '', num_example
       'zero_shot_tasks': getattr(source, 'zero_shot_tasks', {}),
       **{key: np.stack(values) for key, values in labels.items()}}
   if tfds_label:
-    names = _tfds_class_names(source.name, label_key, config.data.get('tfds_data_dir', ''))
+    names = _tfds_class_names(source.name, label_key, config.data.tfds_data_dir)
     index_of = {name: i for i, name in enumerate(names)}
     out['label'] = np.array([index_of[refs[0]] for refs in references], np.int32)
     out['class_names'] = names

@@ -132,8 +132,5 @@ def make_source(spec: str, image_size: int, *, tfds_image_key: str = 'image',
 def source_from_config(config: Any, spec: str) -> Any:
   """`make_source` with the TFDS options of `config.data`."""
   data = config.data
-  # .get: a run's saved config.json from before these fields existed still evaluates.
-  return make_source(spec, data.image_size,
-                     tfds_image_key=data.get('tfds_image_key', 'image'),
-                     tfds_caption_key=data.get('tfds_caption_key', 'captions/text'),
-                     tfds_data_dir=data.get('tfds_data_dir', ''))
+  return make_source(spec, data.image_size, tfds_image_key=data.tfds_image_key,
+                     tfds_caption_key=data.tfds_caption_key, tfds_data_dir=data.tfds_data_dir)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep.evals import entries
+from vlrep import config as vlrep_config
 from vlrep.evals.suite import Evaluator
 from vlrep.parallel import distributed
 from vlrep.pretrained import Pretrained
@@ -32,25 +31,13 @@ from vlrep.runtime import checkpoint, paths
 OVERRIDABLE = ('evals.', 'eval_batch_size', 'data.eval', 'data.tfds_')
 
 
-def _tuples(value: Any) -> Any:
-  """JSON gives lists; the config's sequence fields are tuples (and overrides parse as such)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config with `evals` filled in (for runs saved before it existed), locked."""
+  """The run's config, migrated (`vlrep.config.migrate`: a run saved before `evals` existed
+  gets `entries.legacy_evals`), locked."""
   path = paths.join(workdir, 'config.json')
   if not paths.exists(path):
     raise FileNotFoundError(f'no {path}: --workdir must be a training run directory')
-  config = ml_collections.ConfigDict(_tuples(json.loads(paths.read_text(path))))
-  if config.get('evals') is None:
-    config.evals = entries.legacy_evals(config)
-  config.lock()
-  return config
+  return vlrep_config.migrate(json.loads(paths.read_text(path)))
 
 
 def evaluate(workdir: str, step: int | None = None,
@@ -60,7 +47,7 @@ def evaluate(workdir: str, step: int | None = None,
   config = run_config(workdir) if config is None else config
   evaluator = Evaluator(config)  # validates the entries before the restore
   params = checkpoint.restore_params(workdir, config, step)
-  model = Pretrained(config, params, batch_size=config.get('eval_batch_size', 256))
+  model = Pretrained(config, params, batch_size=config.eval_batch_size)
   results = evaluator(model)
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, 'results.json'),

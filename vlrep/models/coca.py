@@ -28,7 +28,7 @@ from vlrep.models.layers import (ACTIVATIONS, BLOCK_LAYOUTS, DEFAULT_LN_EPS, REM
                                  AttentionalPooler, Dtype, default_kernel_init,
                                  float32_dot_general, layer_norm, logical)
 from vlrep.models.text import TextDecoder
-from vlrep.models.vision import IMAGE_MEAN, IMAGE_STD, VisionTransformer
+from vlrep.models.vision import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0
 # The bound is kept on the parameter (`clamp_temperature`, after every update, as open_clip
@@ -194,7 +194,8 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
 
   The text length comes from `config.data.max_text_len`, so data and model always agree.
   `model.remat` and `model.scan_layers` apply to every transformer stack (see
-  `layers.BlockStack`); configs saved before they existed read as 'none' and False.
+  `layers.BlockStack`). Every field is read as given: a saved config of an earlier layout
+  goes through `vlrep.config.migrate` first.
   `model.dtype` is the compute dtype of every layer (embeddings and losses stay float32);
   the parameters' dtype, `model.param_dtype`, is applied by `vlrep.step.init_params`.
   """
@@ -202,58 +203,58 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   vision, text = model.vision, model.text
   if model.pooler not in POOLERS:
     raise ValueError(f'model.pooler={model.pooler!r}; expected one of {POOLERS}')
-  image_pool = model.get('image_pool', 'attn')
+  image_pool = model.image_pool
   if image_pool not in IMAGE_POOLS:
     raise ValueError(f'model.image_pool={image_pool!r}; expected one of {IMAGE_POOLS}')
   if (image_pool == 'attn') != (model.pooler in ('cascade', 'parallel')):
     raise ValueError(f"model.image_pool={image_pool!r} does not go with model.pooler="
                      f"{model.pooler!r}: 'attn' takes 'cascade' or 'parallel', 'tok' and "
                      f"'avg' take 'single' or 'none'")
-  activation = model.get('activation', 'gelu_tanh')
+  activation = model.activation
   if activation not in ACTIVATIONS:
     raise ValueError(f'model.activation={activation!r}; expected one of {ACTIVATIONS}')
-  layout = text.get('multimodal_layout', 'fused')
+  layout = text.multimodal_layout
   if layout not in BLOCK_LAYOUTS:
     raise ValueError(f'model.text.multimodal_layout={layout!r}; expected one of {BLOCK_LAYOUTS}')
-  ln_eps = model.get('ln_eps', DEFAULT_LN_EPS)
-  remat, scan_layers = model.get('remat', 'none'), bool(model.get('scan_layers', False))
+  ln_eps = model.ln_eps
+  remat, scan_layers = model.remat, bool(model.scan_layers)
   if remat not in REMAT_MODES:
     raise ValueError(f'model.remat={remat!r}; expected one of {REMAT_MODES}')
-  dtype = compute_dtype(model.get('dtype', 'float32'), 'model.dtype')
-  temperature_init, bias_init = TEMPERATURE_INIT[config.loss.get('contrastive_type', 'softmax')]
+  dtype = compute_dtype(model.dtype, 'model.dtype')
+  temperature_init, bias_init = TEMPERATURE_INIT[config.loss.contrastive_type]
   return CoCa(
       image_encoder=VisionTransformer(
           patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
           num_heads=vision['heads'], mlp_dim=vision['mlp_dim'],
           stem_channels=tuple(vision['stem_channels']), remat=remat, scan_layers=scan_layers,
-          dtype=dtype, class_token=vision.get('class_token', False),
-          ln_pre=vision.get('ln_pre', False), final_norm=vision.get('final_norm', True),
-          patch_bias=vision.get('patch_bias', True), activation=activation,
-          ln_eps=vision.get('ln_eps', ln_eps), layer_scale=vision.get('layer_scale', 0.0),
-          image_mean=tuple(vision.get('image_mean', IMAGE_MEAN)),
-          image_std=tuple(vision.get('image_std', IMAGE_STD))),
+          dtype=dtype, class_token=vision.class_token,
+          ln_pre=vision.ln_pre, final_norm=vision.final_norm,
+          patch_bias=vision.patch_bias, activation=activation,
+          ln_eps=vision.ln_eps, layer_scale=vision.layer_scale,
+          image_mean=tuple(vision.image_mean),
+          image_std=tuple(vision.image_std)),
       text_decoder=TextDecoder(
           vocab_size=text['vocab_size'], max_len=config.data.max_text_len, width=text['width'],
           unimodal_layers=text['unimodal_layers'], multimodal_layers=text['multimodal_layers'],
           num_heads=text['heads'], mlp_dim=text['mlp_dim'], decode=decode, remat=remat,
-          scan_layers=scan_layers, dtype=dtype, embed_cls=text.get('embed_cls', True),
-          pool=text.get('pool', 'cls'), pad_mask=text.get('pad_mask', 'pad'),
-          pad_id=text.get('pad_id', 0), eos_id=text.get('eos_id', 2),
-          causal=text.get('causal', True), cls_position=text.get('cls_position', 'last'),
-          activation=activation, ln_eps=text.get('ln_eps', ln_eps),
-          layer_scale=text.get('layer_scale', 0.0),
-          multimodal_heads=text.get('multimodal_heads', 0),
-          multimodal_mlp_dim=text.get('multimodal_mlp_dim', 0), multimodal_layout=layout,
-          multimodal_ln_eps=ln_eps, multimodal_layer_scale=text.get('multimodal_layer_scale', 0.0),
-          head_bias=text.get('head_bias', True)),
+          scan_layers=scan_layers, dtype=dtype, embed_cls=text.embed_cls,
+          pool=text.pool, pad_mask=text.pad_mask,
+          pad_id=text.pad_id, eos_id=text.eos_id,
+          causal=text.causal, cls_position=text.cls_position,
+          activation=activation, ln_eps=text.ln_eps,
+          layer_scale=text.layer_scale,
+          multimodal_heads=text.multimodal_heads,
+          multimodal_mlp_dim=text.multimodal_mlp_dim, multimodal_layout=layout,
+          multimodal_ln_eps=ln_eps, multimodal_layer_scale=text.multimodal_layer_scale,
+          head_bias=text.head_bias),
       embed_dim=model['embed_dim'], captioning_queries=model['captioning_queries'],
       pooler=model['pooler'], temperature_init=temperature_init, logit_bias_init=bias_init,
-      dtype=dtype, image_pool=image_pool, pooler_heads=model.get('pooler_heads', 0),
-      pooler_width=model.get('pooler_width', 0),
-      pooler_query_norm=model.get('pooler_query_norm', False),
-      pooler_output_norm=model.get('pooler_output_norm', True), pooler_ln_eps=ln_eps,
-      pooled_norm=model.get('pooled_norm', False),
-      text_projection_bias=model.get('text_projection_bias', False),
-      pooler_context_norm=model.get('pooler_context_norm', True),
-      pooler_mlp_dim=model.get('pooler_mlp_dim', 0),
-      image_projection_layer=model.get('image_projection', True))
+      dtype=dtype, image_pool=image_pool, pooler_heads=model.pooler_heads,
+      pooler_width=model.pooler_width,
+      pooler_query_norm=model.pooler_query_norm,
+      pooler_output_norm=model.pooler_output_norm, pooler_ln_eps=ln_eps,
+      pooled_norm=model.pooled_norm,
+      text_projection_bias=model.text_projection_bias,
+      pooler_context_norm=model.pooler_context_norm,
+      pooler_mlp_dim=model.pooler_mlp_dim,
+      image_projection_layer=model.image_projection)

@@ -26,8 +26,8 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 # Every device on the data axis: the mesh for inference and for loading weights.
 DATA_PARALLEL = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-# The `config.mesh` fields beyond the axis sizes, with their defaults (configs/coca.py takes
-# them from here; `mesh_option` gives them to configs saved before they existed).
+# The `config.mesh` fields beyond the axis sizes, with their defaults (vlrep/config.py takes
+# them from here; `mesh_option` gives them to hand-built mesh configs such as DATA_PARALLEL).
 MESH_DEFAULTS = {
     # How many ways the data / fsdp axis crosses the slow links (DCN between TPU slices, the
     # network between GPU hosts): the product must be the number of slices, or of processes
@@ -72,7 +72,8 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 
 
 def mesh_option(mesh_config: ml_collections.ConfigDict, name: str) -> Any:
-  """`config.mesh.<name>`, or its default for a config saved before the field existed."""
+  """`config.mesh.<name>`, or its default for a mesh config of axis sizes only (DATA_PARALLEL,
+  the tests' and benchmarks' meshes; a saved config has every field after `config.migrate`)."""
   return mesh_config.get(name, MESH_DEFAULTS[name])
 
 

@@ -31,10 +31,6 @@ POLICIES = ('skip', 'halt')
 _LAST = ('train/loss', 'train/grad_norm')
 
 
-DEFAULT_POLICY = 'skip'
-DEFAULT_MAX_CONSECUTIVE = 5
-
-
 class NonFiniteError(RuntimeError):
   """The run stopped on non-finite losses or gradients (config.nan_policy)."""
 
@@ -98,6 +94,5 @@ class NonFiniteGuard:
 
 def guard_from_config(config: ml_collections.ConfigDict,
                       before_stop: Callable[[], None] = lambda: None) -> NonFiniteGuard:
-  """The guard for `config.nan_policy` (configs saved before it existed get the defaults)."""
-  return NonFiniteGuard(config.get('nan_policy', DEFAULT_POLICY),
-                        config.get('nan_max_consecutive', DEFAULT_MAX_CONSECUTIVE), before_stop)
+  """The guard for `config.nan_policy` and `config.nan_max_consecutive`."""
+  return NonFiniteGuard(config.nan_policy, config.nan_max_consecutive, before_stop)

@@ -64,11 +64,11 @@ def forward_flops_per_example(config: ml_collections.ConfigDict,
 
   # Image encoder: optional stride-2 3x3 conv stem, patchify convolution, blocks.
   image, channels, side = 0, 3, size
-  for out_channels in vision.get('stem_channels', ()):
+  for out_channels in vision.stem_channels:
     side //= 2
     image += 2 * side * side * 9 * channels * out_channels
     channels = out_channels
-  patch = p // 2 ** len(vision.get('stem_channels', ()))
+  patch = p // 2 ** len(vision.stem_channels)
   patches = (size // p) ** 2
   image += 2 * patches * patch * patch * channels * w
   image += vision.layers * (_attention(patches, patches, w) + _mlp(patches, w, vision.mlp_dim))

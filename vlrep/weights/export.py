@@ -26,6 +26,7 @@ import numpy as np
 import safetensors.numpy
 from jax.experimental import multihost_utils
 
+from vlrep.config import migrate
 from vlrep.models.coca import build_model
 from vlrep.parallel import sharding
 from vlrep.runtime import paths
@@ -82,12 +83,13 @@ def save(path: str, config: ml_collections.ConfigDict, params: Any) -> str:
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
-  """The config saved in a run directory or an exported one."""
+  """The config saved in a run directory or an exported one, migrated to the current layout
+  (`vlrep.config.migrate`)."""
   file = paths.join(path, CONFIG_FILE)
   if not paths.isfile(file):
     raise FileNotFoundError(f'{file} not found: {path!r} is neither a vlrep run directory nor '
                             'an exported model')
-  return ml_collections.ConfigDict(json.loads(paths.read_text(file)))
+  return migrate(json.loads(paths.read_text(file)))
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:

@@ -2,9 +2,9 @@
 
 `convert_dir(DIR)` reads a `save_pretrained` directory (`config.json`, `model.safetensors`
 or its sharded index, `preprocessor_config.json` and the tokenizer files when present) and
-returns the vlrep config that describes the same network (`configs/coca.py` with its layout
-options set) and the float32 parameters `build_model(config)` applies; `load_hf(DIR)` wraps
-them in `vlrep.Pretrained`. transformers itself is not needed to read one.
+returns the vlrep config that describes the same network (`vlrep.config.defaults()` with
+its layout options set) and the float32 parameters `build_model(config)` applies;
+`load_hf(DIR)` wraps them in `vlrep.Pretrained`. transformers itself is not needed to read one.
 
 The layouts: CLIP is a class token, `ln_pre`, the class token's output normalised after
 pooling (`pooled_norm`), causal text with argmax ('legacy' `eos_token_id=2`) or first-EOS
@@ -28,9 +28,10 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from vlrep import config as vlrep_config
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.weights import hf_params
-from vlrep.weights.open_clip import _base_config, _check_shapes
+from vlrep.weights.open_clip import _check_shapes
 
 ARCHITECTURES = {'CLIPModel': 'clip', 'SiglipModel': 'siglip'}
 # transformers' `hidden_act` names -> vlrep's model.activation.
@@ -159,8 +160,8 @@ def hf_fields(hf_config: Mapping[str, Any],
 
 
 def config_from_fields(fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """`configs/coca.py:tiny` with `fields` set."""
-  config = _base_config()
+  """`vlrep.config.defaults()` with `fields` set."""
+  config = vlrep_config.defaults()
   for key, value in fields.items():
     *parents, leaf = key.split('.')
     node = config

@@ -3,8 +3,8 @@
 `convert_state_dict(state_dict, model_cfg)` reads the dict of numpy arrays a torch
 `state_dict()` holds and the model config JSON open_clip builds it from (`embed_dim`,
 `vision_cfg`, `text_cfg`, optional `multimodal_cfg`, `quick_gelu`) and returns the vlrep
-config that describes the same network (`configs/coca.py` with its layout options set) and
-the float32 parameters `build_model(config)` applies. `load_open_clip(path, model_cfg)`
+config that describes the same network (`vlrep.config.defaults()` with its layout options
+set) and the float32 parameters `build_model(config)` applies. `load_open_clip(path, model_cfg)`
 does it from a `torch.save`d state dict or a `.safetensors` file and wraps the result in
 `vlrep.Pretrained`.
 
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from vlrep import config as vlrep_config
 from vlrep.models.layers import ACTIVATIONS
 from vlrep.weights.open_clip_params import StateDict, text_params, vision_params
 
@@ -46,16 +47,6 @@ _TEXT_DEFAULTS = dict(context_length=77, vocab_size=49408, width=512, heads=8, l
                       proj_type='linear', act_kwargs=None, norm_kwargs=None)
 _MULTIMODAL_DEFAULTS = dict(context_length=77, width=512, heads=8, layers=12,
                             ls_init_value=None)
-
-
-def _base_config() -> ml_collections.ConfigDict:
-  # Config files are loaded by path (as `vlrep.train` does), not imported as a package.
-  import importlib.util
-  path = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'coca.py')
-  spec = importlib.util.spec_from_file_location('vlrep_configs_coca', os.path.abspath(path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('tiny')
 
 
 def _refuse_unsupported(tower: str, cfg: Mapping[str, Any]) -> None:
@@ -123,7 +114,7 @@ def _config(model_cfg: Mapping[str, Any], coca: bool, text_module: bool,
     multimodal = {**_MULTIMODAL_DEFAULTS, **model_cfg.get('multimodal_cfg', {})}
     towers.append({})  # the decoder's GELU is quick or exact, never act_kwargs'
 
-  c = _base_config()
+  c = vlrep_config.defaults()
   m = c.model
   m.activation = _activation(model_cfg, towers)
   m.embed_dim = embed_dim
