@@ -79,8 +79,8 @@ def main() -> None:
                       'open_clip under torch.autocast (both keep float32 weights)')
   args = parser.parse_args()
   # PyTorch's OpenMP threads otherwise spin after each of its parallel regions, taking the
-  # cores from the XLA step that runs next in the interleaved rounds (measured: vlrep 2.21
-  # vs 2.09 s per small step at batch 16; PyTorch 2.10 vs 2.02 s, no slower when passive).
+  # cores from the XLA step that runs next in the interleaved rounds (the measurement:
+  # benchmarks/RESULTS.md).
   os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # read when torch loads OpenMP
   open_clip = _import_open_clip()
   import torch

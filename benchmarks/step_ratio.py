@@ -23,18 +23,14 @@ import json
 import statistics
 
 from config_spec import load_config
+from vlrep.config import set_fields
 from vlrep.tools import bench, flops
 
 
 def settings(variant: str) -> dict:
   def coca(**changes):
     config = load_config(f'configs/coca.py:{variant}')
-    for key, value in changes.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
+    set_fields(config, changes)
     return config
   return {'coca': coca(), 'coca_unchunked': coca(**{'loss.caption_chunk': 0}),
           'clip': load_config(f'configs/clip.py:{variant}'),

@@ -25,8 +25,8 @@ def defaults() -> ml_collections.ConfigDict:
   """Every field at its default (the `tiny` variant's values), locked."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # tiny: tuned to train, evaluate and meet its quality floor in under 10 minutes on a
-  # 2-core CPU (README); batch 64 beat 128 and 32 at equal time.
+  # tiny: tuned to train, evaluate and meet its quality floor on a 2-core CPU in the
+  # Quickstart's time; batch 64 learned most at equal time (benchmarks/RESULTS.md).
   c.batch_size = 64
   c.total_steps = 720
   c.log_every_steps = 100
@@ -152,9 +152,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0
   # Adafactor factors a parameter's second moments over its two largest dimensions when the
   # smaller of the two is at least this (optax's and Lingvo's 128). Attention kernels
-  # [width, heads, 64] then keep full second moments; 64 factors them too, which takes the
-  # optimizer state of base/large/giant from 0.65-0.67x AdamW's to 0.50x
-  # (benchmarks/optimizer_memory.py).
+  # [width, heads, 64] then keep full second moments; 64 factors them too, shrinking the
+  # paper sizes' optimizer state further (benchmarks/optimizer_memory.py, RESULTS.md).
   c.optim.factor_min_dim = 128
 
   c.data = ml_collections.ConfigDict()
@@ -254,7 +253,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _set(c: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
+def set_fields(c: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
+  """Sets each dotted field path of `fields` ('model.text.width') in `c`; a callable value
+  is called for the value (entries.benchmark_evals, ...)."""
   for key, value in fields.items():
     *parents, leaf = key.split('.')
     node = c
@@ -268,8 +269,8 @@ def _size(name: str) -> ml_collections.ConfigDict:
     raise ValueError(f'Unknown coca variant {name!r}; known: {sorted(SIZES)} '
                      'or RECIPE@SIZE (e.g. base@tiny)')
   c = defaults()
-  _set(c, SIZES[name].fields())
-  _set(c, RECIPES[SIZES[name].recipe])
+  set_fields(c, SIZES[name].fields())
+  set_fields(c, RECIPES[SIZES[name].recipe])
   c.unlock()
   c.lock()  # again, for the entries set above (evals): lock() skips a locked config
   return c
@@ -296,7 +297,7 @@ def clip(variant: str = 'tiny') -> ml_collections.ConfigDict:
   """CoCa's VARIANT with no multimodal layers and caption weight 0; the contrastive pooler
   reads the image tokens directly, as there is no captioning pooler."""
   c = coca(variant)
-  _set(c, {'model.text.multimodal_layers': 0, 'model.pooler': 'parallel',
+  set_fields(c, {'model.text.multimodal_layers': 0, 'model.pooler': 'parallel',
            'loss.caption_weight': 0.0})
   return c
 
@@ -356,11 +357,11 @@ def migrate(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   absent = {k: v for k, v in ABSENT.items() if k not in saved}
   absent.update({k: saved.get(src, known[src]) for k, src in _ABSENT_FROM.items()
                  if k not in saved})
-  _set(c, {k: _tuples(v) for k, v in saved.items()
+  set_fields(c, {k: _tuples(v) for k, v in saved.items()
            if k not in REMOVED and k != 'evals'})
   if 'evals' in saved:
     c.evals = ml_collections.ConfigDict(_tuples(saved['evals']))
-  _set(c, {k: (lambda v=v: v(c)) if callable(v) else v for k, v in absent.items()})
+  set_fields(c, {k: (lambda v=v: v(c)) if callable(v) else v for k, v in absent.items()})
   c.unlock()
   c.lock()
   return c

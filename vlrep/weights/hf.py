@@ -162,12 +162,7 @@ def hf_fields(hf_config: Mapping[str, Any],
 def config_from_fields(fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """`vlrep.config.defaults()` with `fields` set."""
   config = vlrep_config.defaults()
-  for key, value in fields.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  vlrep_config.set_fields(config, fields)
   return config
 
 
