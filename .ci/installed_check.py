@@ -32,8 +32,11 @@ TEXTS = ['a photo of a cat', 'two red circles']
 
 
 def main() -> None:
-  where = os.path.dirname(os.path.abspath(vlrep.__file__))
-  assert not where.startswith(REPO + os.sep), f'vlrep imported from the repo: {where}'
+  where = os.path.dirname(os.path.realpath(vlrep.__file__))
+  # The venv may live inside the repo (.ci/venv-installed): what matters is that vlrep comes
+  # from an installed copy, not from the repo's own vlrep/ folder.
+  assert where != os.path.realpath(os.path.join(REPO, 'vlrep')), f'vlrep from the repo: {where}'
+  assert 'site-packages' in where.split(os.sep), f'vlrep not installed: {where}'
   assert os.getcwd() != REPO and not os.getcwd().startswith(REPO + os.sep), os.getcwd()
   print('vlrep from', where)
   tmp = tempfile.mkdtemp(prefix='vlrep_installed_')
