@@ -17,7 +17,9 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from vlrep import optim
 from vlrep.evals import entries
+from vlrep.models.layers import DEFAULT_LN_EPS
 from vlrep.parallel import sharding
 
 
@@ -73,7 +75,7 @@ def defaults() -> ml_collections.ConfigDict:
       # projection's bias, the LayerNorm on the output tokens, LayerNorm epsilon, and
       # LayerScale's initial value (0 = none); uint8 images' RGB mean and std (CLIP's).
       'class_token': False, 'ln_pre': False, 'patch_bias': True, 'final_norm': True,
-      'ln_eps': 1e-6, 'layer_scale': 0.0,
+      'ln_eps': DEFAULT_LN_EPS, 'layer_scale': 0.0,
       'image_mean': (0.48145466, 0.4578275, 0.40821073),
       'image_std': (0.26862954, 0.26130258, 0.27577711)})
   c.model.text = ml_collections.ConfigDict({
@@ -87,7 +89,7 @@ def defaults() -> ml_collections.ConfigDict:
       # and MLP width (0 = as the unimodal half), block layout ('fused' | 'split': open_clip's
       # self-attention block then cross-attention block) and LayerScale; output head bias.
       'embed_cls': True, 'pool': 'cls', 'pad_mask': 'pad', 'pad_id': 0, 'eos_id': 2,
-      'causal': True, 'cls_position': 'last', 'ln_eps': 1e-6, 'layer_scale': 0.0,
+      'causal': True, 'cls_position': 'last', 'ln_eps': DEFAULT_LN_EPS, 'layer_scale': 0.0,
       'multimodal_heads': 0, 'multimodal_mlp_dim': 0, 'multimodal_layout': 'fused',
       'multimodal_layer_scale': 0.0, 'head_bias': True})
   c.model.embed_dim = 128
@@ -114,7 +116,7 @@ def defaults() -> ml_collections.ConfigDict:
   # MLP activation everywhere: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP).
   c.model.activation = 'gelu_tanh'
   # LayerNorm epsilon of the poolers and the multimodal half (the towers have their own).
-  c.model.ln_eps = 1e-6
+  c.model.ln_eps = DEFAULT_LN_EPS
   # Recompute each transformer block in the backward pass, trading compute for activation
   # memory: 'none', 'full' (keep only block inputs) or 'minimal' (also keep the dense
   # projections' outputs). On XLA:CPU (default flags) it saves memory only with scan_layers.
@@ -154,7 +156,7 @@ def defaults() -> ml_collections.ConfigDict:
   # smaller of the two is at least this (optax's and Lingvo's 128). Attention kernels
   # [width, heads, 64] then keep full second moments; 64 factors them too, shrinking the
   # paper sizes' optimizer state further (benchmarks/optimizer_memory.py, RESULTS.md).
-  c.optim.factor_min_dim = 128
+  c.optim.factor_min_dim = optim.DEFAULT_FACTOR_MIN_DIM
 
   c.data = ml_collections.ConfigDict()
   c.data.train = 'synthetic'
