@@ -10,9 +10,10 @@
 # VLREP_COORDINATOR=127.0.0.1:PORT, VLREP_NUM_PROCESSES=N and VLREP_PROCESS_ID=i, and its
 # output (stdout and stderr) prefixed with "[pI] ". Exits 0 only if every process does; when
 # one fails, the others get --grace_s seconds (10) to fail by themselves before they are
-# killed, and the script exits with the first failure's status. SIGINT (Ctrl-C), SIGTERM and
-# SIGHUP are forwarded to every process, then the same grace applies (jax takes a SIGTERM as
-# a preemption notice and keeps running). PYTHON picks the interpreter (default: python).
+# killed, and the script exits with the first failure's status (of processes found dead
+# together, one killed by a signal counts first). SIGINT (Ctrl-C), SIGTERM and SIGHUP are
+# forwarded to every process, then the same grace applies (jax takes a SIGTERM as a
+# preemption notice and keeps running). PYTHON picks the interpreter (default: python).
 set -euo pipefail
 
 usage() {
@@ -140,8 +141,9 @@ echo "[local.sh] $processes processes x $devices CPU devices, coordinator 127.0.
 # Poll rather than `wait -n`: bash 3.2 (macOS) lacks it, and a trapped signal interrupts
 # `wait` anyway. bash reaps children as they exit and keeps their status for `wait PID`.
 running=$processes
-declare -a done_
+declare -a done_ rcs
 while ((running > 0)); do
+  exited=()
   for ((i = 0; i < processes; i++)); do
     if [[ -n ${done_[i]:-} ]] || kill -0 "${pids[i]}" 2>/dev/null; then
       continue
@@ -150,7 +152,19 @@ while ((running > 0)); do
     wait "${pids[i]}" || rc=$?
     done_[i]=1
     running=$((running - 1))
-    if ((rc != 0)); then
+    rcs[i]=$rc
+    exited+=("$i")
+  done
+  # Processes seen dead in the same poll are reported signal deaths first: one killed from
+  # outside takes its peers' collectives down with it within milliseconds, and its status,
+  # not theirs, is the cause to report.
+  for pass in signal other; do
+    for i in ${exited[@]+"${exited[@]}"}; do
+      rc=${rcs[i]}
+      if ((rc == 0)) || { [[ $pass == signal ]] && ((rc <= 128)); } ||
+        { [[ $pass == other ]] && ((rc > 128)); }; then
+        continue
+      fi
       echo "[local.sh] process $i exited with status $rc" >&2
       if ((status == 0)); then
         status=$rc
@@ -158,7 +172,7 @@ while ((running > 0)); do
       if [[ -z $deadline ]]; then
         deadline=$((SECONDS + grace))
       fi
-    fi
+    done
   done
   if [[ -n $deadline ]] && ((running > 0 && SECONDS >= deadline)); then
     echo "[local.sh] killing the $running processes still running after ${grace}s" >&2

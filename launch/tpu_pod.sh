@@ -2,7 +2,7 @@
 # Runs vlrep.train on every worker of a multi-host Cloud TPU VM slice, from your machine:
 #
 #   bash launch/tpu_pod.sh my-v5p-64 us-east5-a --project=my-proj -- \
-#       --config=configs/coca.py:base --workdir=/gcs/my-bucket/runs/base --config.mesh.fsdp=8
+#       --config=configs/coca.py:base --workdir=gs://my-bucket/runs/base --config.mesh.fsdp=8
 #
 # It runs `gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all
 # --command="cd REPO && python -m vlrep.train FLAGS"`, the flags quoted for the remote shell.
@@ -13,9 +13,8 @@
 #
 # The workdir must be the same storage on every worker: checkpoints are written collectively
 # (each worker writes its own shards), metrics by process 0. A worker-local path gives each
-# worker a partial, unusable checkpoint. vlrep writes through the local filesystem, so use a
-# mount every worker has (a Cloud Storage bucket via gcsfuse, or Filestore / NFS); a gs://
-# URL works only once vlrep's writers accept such URLs.
+# worker a partial, unusable checkpoint. A gs:// URL (read and written through gcsfs, see the
+# README's "Runs on buckets") or a mount every worker has (Filestore / NFS) does.
 #
 # The processes live as long as the ssh sessions: a dropped connection stops the run (resume
 # by running the same command again: training restarts from the latest checkpoint). For long

@@ -145,3 +145,34 @@ def test_when_one_process_dies_the_other_stops_by_itself(tmp_path):
   assert re.search(r'process 0 exited with status [1-9]', output), output[-4000:]
   assert 'killing the' not in output  # process 0 stopped by itself, not by local.sh
   assert stopped_after < 60, stopped_after
+
+
+FAKE_TRAINER = r'''#!/usr/bin/env bash
+# Stands in for python (--port is given, so it only runs as a trainer): process 1 kills itself, process 0 fails the moment it sees that.
+if [[ $VLREP_PROCESS_ID == 1 ]]; then
+  echo $$ > "$DIR/p1.pid"
+  sleep 0.5
+  kill -KILL $$
+fi
+until [[ -s $DIR/p1.pid ]]; do sleep 0.01; done
+while kill -0 "$(cat "$DIR/p1.pid")" 2>/dev/null; do sleep 0.001; done
+exit 3
+'''
+
+
+@pytest.mark.parametrize('attempt', range(3))
+def test_a_killed_process_is_the_failure_reported_even_when_its_peer_dies_at_once(tmp_path,
+                                                                                   attempt):
+  """The case the real run above meets: process 1 is SIGKILLed and process 0's next collective
+  fails within milliseconds, usually before local.sh's next poll. The kill is the cause, so
+  its status (137) is the one to exit with, whichever index the processes have."""
+  fake = tmp_path / 'python'
+  fake.write_text(FAKE_TRAINER)
+  fake.chmod(0o755)
+  result = subprocess.run(
+      ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
+       '--devices_per_process=1', '--port=1', '--'], cwd=REPO, capture_output=True, text=True, timeout=60,
+      env=dict(os.environ, PYTHON=str(fake), DIR=str(tmp_path)))
+  assert result.returncode == 137, result.stderr
+  assert 'process 0 exited with status 3' in result.stderr
+  assert 'process 1 exited with status 137' in result.stderr
