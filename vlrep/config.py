@@ -48,6 +48,13 @@ def defaults() -> ml_collections.ConfigDict:
   # written by Pretrained.save / vlrep.convert, or open_clip:STATE_DICT:MODEL_CFG_JSON
   # (vlrep/weights/init_from.py). '' = random initialisation. A resumed run ignores it.
   c.init_from = ''
+  # The part of init_from taken: parameters whose '/'-joined path (e.g.
+  # 'text_decoder/multimodal_0/mlp/fc1/kernel') re.fullmatch-es an include pattern (none =
+  # all) and no exclude pattern; the rest keep their fresh initialisation, so a CoCa can
+  # start from a CLIP run (decoder fresh) or take one tower alone. Full matches, so that
+  # 'pos_embed' cannot silently take both towers' tables. Empty = all of it, exactly.
+  c.init_from_include = ()
+  c.init_from_exclude = ()
 
   # Mesh axis sizes (-1 = the rest of the devices): the batch is split over data x fsdp,
   # parameters FSDP-style over fsdp and Megatron-style over tensor (see launch/README.md).

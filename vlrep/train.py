@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -65,6 +64,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
   make_optimizer(config.optim, config.total_steps)  # raises on a field it would ignore
   profile_steps(config)
+  init_from.check_config(config)
   pipeline.source_from_config(config, config.data.train)
   if config.eval_every_steps:
     check_evals(config)
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = checkpointer.restore(start, state, state_shardings, data_iterator)
     logging.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), start)
   elif config.init_from:  # only a fresh run: a resumed one continues from its own
-    state = state.replace(params=init_from.load_params(config.init_from, state.params))
+    state = state.replace(params=init_from.load_params(config.init_from, state.params, config))
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 
