@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Mapping
 
 import jax
@@ -18,12 +19,28 @@ import jax
 from vlrep.runtime import paths
 
 
+def _tensorboardx_writer():
+  """tensorboardX's SummaryWriter, imported without torch. Imported here: only process 0
+  writes. tensorboardX imports torch, when installed, only to accept torch tensors, which
+  vlrep never passes; torch's import would be most of a short run's start-up. A None entry
+  in sys.modules makes that `import torch` raise ImportError, which tensorboardX catches."""
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   def __init__(self, workdir: str):
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
-    from tensorboardX import SummaryWriter  # imported here: heavy, and only process 0 writes
+    SummaryWriter = _tensorboardx_writer()  # pylint: disable=invalid-name
     self._mirror = paths.Mirror(workdir)
     self._jsonl = open(self._mirror.fetch('metrics.jsonl'), 'a')  # pylint: disable=consider-using-with
     self._tensorboard = SummaryWriter(paths.join(self._mirror.folder, 'tensorboard'))
