@@ -49,3 +49,22 @@ def test_misspelt_key_fails_and_names_the_key(tmp_path):
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="'huge'"):
     load_config('coca', 'huge')
+
+
+def test_parameter_group_overrides_parse_from_the_command_line():
+  """Tuples of patterns as the README writes them; one run of vlrep.train with them is in
+  the issue note (tests/test_param_groups.py and test_step.py check what they do)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['vlrep.train', f'--config={REPO}/configs/coca.py:tiny',
+          "--config.optim.freeze=('image_encoder/.*',)",
+          "--config.optim.lr_multipliers=('text_decoder/output_head/.*=0.1', 'logit_scale=2')",
+          '--config.optim.layer_decay=0.75']
+  values = flags.FlagValues()
+  # The override flags are defined from the command line it is given (sys.argv by default).
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, sys_argv=argv)
+  values(argv)
+  optim = values.config.optim
+  assert optim.freeze == ('image_encoder/.*',)
+  assert optim.lr_multipliers == ('text_decoder/output_head/.*=0.1', 'logit_scale=2')
+  assert optim.layer_decay == 0.75

@@ -207,3 +207,51 @@ def test_the_model_pad_id_is_the_one_the_losses_skip(config, chunk, microbatches
     np.testing.assert_allclose(four_metrics[key], zero_metrics[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                four.params, zero.params)
+
+
+def _bits(x):
+  x = np.asarray(x)
+  return x.view(np.dtype(f'u{x.dtype.itemsize}'))
+
+
+@pytest.mark.parametrize('scan_layers, microbatches', [(False, 1), (True, 2)])
+def test_frozen_parameters_stay_bit_identical_and_take_no_gradient(config, scan_layers,
+                                                                   microbatches):
+  """optim.freeze: after real AdamW steps (non-zero rate, weight decay on) the frozen image
+  tower, token embedding and temperature are bit for bit what they were, a -0.0 included
+  (`param + 0` would flip it), while every other leaf moved; also scanned and with
+  microbatches (the GradCache path). The step lowers to fewer dot products than the same
+  state without its stop_gradient: the frozen tower's backward pass is gone."""
+  config.optim.update(learning_rate=3e-3, warmup_steps=0, weight_decay=0.05,
+                      freeze=('image_encoder/.*', 'logit_scale', 'text_decoder/token_embed/.*'))
+  config.model.scan_layers = scan_layers
+  config.microbatches = microbatches
+  config.mesh.update(data=1)
+  state, _ = _state(config, jax.devices()[:1])
+  assert state.freeze == config.optim.freeze and state.microbatches == microbatches
+  ln_final = state.params['image_encoder']['ln_final']
+  ln_final = {**ln_final, 'bias': ln_final['bias'].at[0].set(-0.0)}
+  state = state.replace(params={**state.params, 'image_encoder': {
+      **state.params['image_encoder'], 'ln_final': ln_final}})
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  lowered = jax.jit(step.train_step).lower(state, batch)
+  without_stop = jax.jit(step.train_step).lower(state.replace(freeze=()), batch)
+  assert (lowered.as_text().count('dot_general') <
+          without_stop.as_text().count('dot_general'))
+  train_step = lowered.compile()
+  after = state
+  for _ in range(3):
+    after, metrics = train_step(after, batch)
+    assert bool(metrics['train/finite'])
+  before = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  frozen = 0
+  for path, new in jax.tree_util.tree_leaves_with_path(after.params):
+    name = jax.tree_util.keystr(path)
+    if name.startswith(("['image_encoder']", "['logit_scale']",
+                        "['text_decoder']['token_embed']")):
+      assert np.array_equal(_bits(new), _bits(before[path])), name
+      frozen += 1
+    else:
+      assert not np.array_equal(np.asarray(new), np.asarray(before[path])), name
+  assert frozen > 10
+  assert np.signbit(after.params['image_encoder']['ln_final']['bias'][0])

@@ -164,6 +164,18 @@ def defaults() -> ml_collections.ConfigDict:
   # [width, heads, 64] then keep full second moments; 64 factors them too, shrinking the
   # paper sizes' optimizer state further (benchmarks/optimizer_memory.py, RESULTS.md).
   c.optim.factor_min_dim = optim.DEFAULT_FACTOR_MIN_DIM
+  # Parameter groups (vlrep/param_groups.py), each entry a regex matched against the whole
+  # '/'-joined parameter path ('image_encoder/block_0/mlp/fc1/kernel'); one that matches no
+  # parameter is an error. freeze: parameters that never change (LiT's locked image tower:
+  # ('image_encoder/.*',)), with no gradient, no optimizer state, no weight decay and no
+  # share of the clipping norm. lr_multipliers: 'REGEX=FACTOR' entries scaling the update
+  # (weight decay included) of the parameters REGEX matches, first match wins, others 1.
+  # layer_decay: layer-wise rate decay, block i of L in each stack scaled by
+  # layer_decay ** (L - i), its tower's embeddings by layer_decay ** (L + 1); 0 = off.
+  # Empty and 0: every parameter trained at the scheduled rate, as before these existed.
+  c.optim.freeze = ()
+  c.optim.lr_multipliers = ()
+  c.optim.layer_decay = 0.0
 
   c.data = ml_collections.ConfigDict()
   c.data.train = 'synthetic'

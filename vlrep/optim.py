@@ -8,6 +8,9 @@ therefore decoupled and scheduled (`param -= lr(t) * weight_decay * param` each 
 `optax.adamw` and open_clip do) for Adafactor as well; `optax.adafactor`'s own
 `weight_decay_rate` is applied after the learning rate and would decay by the full
 `weight_decay` every step, whatever the schedule.
+
+`optim.lr_multipliers` and `optim.layer_decay` then scale each leaf's update, and
+`optim.freeze` runs the whole chain on the trainable leaves only (vlrep/param_groups.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from vlrep import param_groups
 
 OPTIMIZERS = ('adamw', 'adafactor')
 DECAYS = ('cosine', 'linear')
@@ -98,7 +103,17 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   update = optax.chain(_preconditioner(optim),
                        optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
                        optax.scale_by_learning_rate(schedule))
-  return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), update), schedule
+  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), update)
+  # Each only when asked for, so that the state of a run without them keeps its layout (and
+  # earlier checkpoints restore).
+  if optim.freeze:
+    tx = param_groups.partition_frozen(tx, optim.freeze)
+  # Outside the partition, so that it sees every leaf, frozen ones included: a stack's depth
+  # and a pattern's matches do not depend on what is frozen.
+  if optim.lr_multipliers or param_groups.check_layer_decay(optim.layer_decay) not in (0, 1):
+    tx = optax.chain(tx, param_groups.scale_by_lr_multipliers(optim.lr_multipliers,
+                                                              optim.layer_decay))
+  return tx, schedule
 
 
 def applied_learning_rate(opt_state: Any, schedule: optax.Schedule) -> jax.Array:

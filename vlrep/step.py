@@ -26,7 +26,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlrep import losses, optim
+from vlrep import losses, optim, param_groups
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
 from vlrep.parallel import sharding
 
@@ -70,6 +70,9 @@ class TrainState:
   # The mesh the contrastive loss's collectives run over (None: plain global computation).
   mesh: Mesh | None = flax.struct.field(pytree_node=False, default=None)
   microbatches: int = flax.struct.field(pytree_node=False, default=1)
+  # `optim.freeze`: the step takes no gradient of these parameters and keeps them bit for
+  # bit; the optimizer (param_groups.partition_frozen) holds no state for them.
+  freeze: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def _contrastive(image_emb: jax.Array, text_emb: jax.Array, temperature: dict[str, jax.Array],
@@ -141,6 +144,7 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
 def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.Array], Any]:
   """Metrics and gradients of `compute_losses` over the whole batch, one microbatch at a time."""
   model, params, config, mesh = state.model, state.params, state.loss_config, state.mesh
+  trainable = lambda p: param_groups.stop_frozen(p, state.freeze)
   micro = jax.tree.map(lambda x: _split_microbatches(x, state.microbatches, mesh), batch)
 
   # 1. Every embedding of the global batch, without gradients (no activations are kept).
@@ -151,7 +155,7 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   # 2. The contrastive loss over all of them, and its gradient with respect to each
   #    embedding and to the temperature parameters.
   def contrastive_of(image_emb, text_emb, params):
-    temperature = model.apply({'params': params}, method=CoCa.temperature)
+    temperature = model.apply({'params': trainable(params)}, method=CoCa.temperature)
     return _contrastive(image_emb, text_emb, temperature, config, mesh), temperature
   (contrastive, temperature), (image_grad, text_grad, grads) = jax.value_and_grad(
       contrastive_of, argnums=(0, 1, 2), has_aux=True)(image_emb, text_emb, params)
@@ -170,7 +174,7 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
     mb, image_grad, text_grad = xs
 
     def surrogate(params):
-      out, caption = _forward(model, params, mb, config)
+      out, caption = _forward(model, trainable(params), mb, config)
       value = config.contrastive_weight * (jnp.sum(out['image_emb'] * image_grad) +
                                            jnp.sum(out['text_emb'] * text_grad))
       caption_sum = jnp.zeros((), jnp.float32)
@@ -193,11 +197,13 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   if state.microbatches > 1:
     metrics, grads = _microbatched_grads(state, batch)
   else:
-    grad_fn = jax.value_and_grad(compute_losses, argnums=1, has_aux=True)
-    (_, metrics), grads = grad_fn(state.model, state.params, batch, state.loss_config,
-                                  state.mesh)
+    def loss_fn(params):
+      return compute_losses(state.model, param_groups.stop_frozen(params, state.freeze),
+                            batch, state.loss_config, state.mesh)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = clamp_temperature(optax.apply_updates(state.params, updates))
+  params = param_groups.keep_frozen(params, state.params, state.freeze)
   # The rate this update applied: the optimizer's count, which skipped steps do not advance,
   # not `state.step`, which they do.
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
@@ -254,7 +260,7 @@ def _state_builder(model: CoCa, tx: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model=model, tx=tx, learning_rate_fn=learning_rate_fn,
                       loss_config=loss_config, mesh=mesh,
-                      microbatches=int(config.microbatches))
+                      microbatches=int(config.microbatches), freeze=tuple(config.optim.freeze))
   return boxed_state
 
 
