@@ -1,13 +1,14 @@
 """The one config schema: every field, its type (that of its default), its default and why.
 
 `defaults()` is the complete config (the `tiny` CPU demo's values where a value depends on the
-variant); `coca(variant)`, `clip(variant)` and `siglip(variant)` apply the variant tables
-(`SIZES`: named model and data sizes; `RECIPES`: the demo and paper training recipes), and
-`RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The files in `configs/`
-call these. `migrate(saved)` turns a saved `config.json` of any earlier layout into a current,
-locked config: a field the saved config lacks takes the value that reproduces how vlrep ran
-it before the field existed (`ABSENT`, where that differs from today's default), and an
-unknown field is an error naming it. Everything else in vlrep reads fields without defaults.
+variant); `coca(variant)`, `clip(variant)`, `siglip(variant)` and `lit(variant)` apply the
+variant tables (`SIZES`: named model and data sizes; `RECIPES`: the demo and paper training
+recipes), and `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The files in
+`configs/` call these. `migrate(saved)` turns a saved `config.json` of any earlier layout into
+a current, locked config: a field the saved config lacks takes the value that reproduces how
+vlrep ran it before the field existed (`ABSENT`, where that differs from today's default),
+and an unknown field is an error naming it. Everything else in vlrep reads fields without
+defaults.
 """
 
 from __future__ import annotations
@@ -320,6 +321,21 @@ def clip(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c = coca(variant)
   set_fields(c, {'model.text.multimodal_layers': 0, 'model.pooler': 'parallel',
            'loss.caption_weight': 0.0})
+  return c
+
+
+# LiT's locked image side (Zhai et al. 2022): the tower with its pooler and projection, as
+# big_vision locks 'img/.*', head included.
+LIT_IMAGE_SIDE = ('image_encoder/.*', 'contrastive_pooler/.*', 'image_projection/.*')
+
+
+def lit(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  """CLIP's VARIANT whose image side (LIT_IMAGE_SIDE) is taken from `init_from` (a CLIP run or
+  export of the same variant, which the run must be given) and frozen; the text side and the
+  temperature train from scratch."""
+  c = clip(variant)
+  c.optim.freeze = LIT_IMAGE_SIDE
+  c.init_from_include = LIT_IMAGE_SIDE
   return c
 
 

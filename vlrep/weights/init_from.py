@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from vlrep import param_groups
 from vlrep.runtime import paths
 from vlrep.weights import export
 
@@ -97,18 +98,8 @@ def named_arrays(spec: str) -> dict[str, Any]:
   return _run_arrays(path)  # fails, naming the path, if it is not a run directory either
 
 
-def _patterns(config: ml_collections.ConfigDict, field: str) -> list[re.Pattern]:
-  value = config[field]
-  if isinstance(value, str):  # a bare string would be taken character by character
-    raise ValueError(f'{field}={value!r}: expected a tuple of regular expressions, e.g. '
-                     f'{field}="({value!r},)"')
-  compiled = []
-  for pattern in value:
-    try:
-      compiled.append(re.compile(pattern))
-    except (re.error, TypeError) as e:
-      raise ValueError(f'{field}: {pattern!r} is not a regular expression ({e})') from None
-  return compiled
+def _patterns(config: ml_collections.ConfigDict, field: str) -> tuple[re.Pattern, ...]:
+  return param_groups.compile_patterns(config[field], field)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
