@@ -59,6 +59,7 @@ def test_absent_fields_take_the_old_behaviour():
   assert config.model.vision.stem_channels == ()  # no conv stem then (tiny's today: 3 convs)
   assert config.evals.to_dict() == entries.legacy_evals(config).to_dict()
   assert config.optim.factor_min_dim == 128
+  assert config.optim.ema_decay == 0.0  # no EMA before optim.ema_decay
   assert (config.nan_policy, config.nan_max_consecutive) == ('skip', 5)
   assert config.profile_steps == '' and config.init_from == ''
   assert config.microbatches == 1 and config.loss.contrastive_impl == 'gather'

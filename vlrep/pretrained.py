@@ -15,7 +15,6 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -233,11 +232,15 @@ class Pretrained:
     return export.save(path, self.config, self.params)
 
 
-def load(path: str, step: int | None = None, *,
-         mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+def load(path: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
+         raw_params: bool = False) -> Pretrained:
   """The model of a training run directory (its latest checkpoint, or `step`) or of a
   directory written by `Pretrained.save`, placed on `mesh` (default: every device on the
-  batch axes) whatever the device count it was trained or saved on."""
+  batch axes) whatever the device count it was trained or saved on.
+
+  A run that kept an EMA of its parameters (`optim.ema_decay`) gives the EMA, as its
+  evaluations measured it; `raw_params=True` gives the trained parameters themselves. An
+  exported model holds one set, the one it was saved with."""
   from vlrep.weights import export  # pylint: disable=g-import-not-at-top
   from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top
   path = paths.local(paths.check(path))
@@ -247,8 +250,11 @@ def load(path: str, step: int | None = None, *,
   if export.is_exported(path):
     if step is not None:
       raise ValueError(f'{path!r} is an exported model, which has no steps (step={step})')
+    if raw_params:
+      raise ValueError(f'{path!r} is an exported model, which holds one set of parameters '
+                       '(raw_params=True applies to training run directories)')
     params = export.place(export.read_arrays(path), abstract, path)
   else:
     from vlrep.runtime import checkpoint  # orbax is only needed here, not for Pretrained itself
-    params = checkpoint.restore_params(path, config, step, mesh)
+    params = checkpoint.restore_params(path, config, step, mesh, raw_params=raw_params)
   return Pretrained(config, params, mesh=mesh)

@@ -4,6 +4,8 @@
 the model, optimizer, loss settings, mesh and microbatch count as static fields, so the step
 needs nothing else and can be imported, jitted with any shardings and tested on its own.
 `create_train_state` builds parameters and optimizer state directly in their shardings.
+With `optim.ema_decay > 0` the state also carries an exponential moving average of the
+parameters (`ema_update`), which the evaluators and `vlrep.load` use when it is there.
 
 With `microbatches=K > 1` the step keeps every negative of the global batch (GradCache,
 Gao et al. 2021; open_clip's accum-freq): all embeddings are computed first without
@@ -16,6 +18,7 @@ update equal the K=1 step up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -73,6 +76,44 @@ class TrainState:
   # `optim.freeze`: the step takes no gradient of these parameters and keeps them bit for
   # bit; the optimizer (param_groups.partition_frozen) holds no state for them.
   freeze: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+  # The EMA of the parameters (float32, sharded as they are) and its decay; None when
+  # optim.ema_decay is 0, so that a run without it keeps the checkpoint layout it had before.
+  ema_params: Any = None
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+def ema_decay(optim_config: ml_collections.ConfigDict) -> float:
+  """`optim.ema_decay`, checked: 0 (off) or in (0, 1)."""
+  decay = float(optim_config.ema_decay)
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f'optim.ema_decay must be in [0, 1) (0 = no EMA), got {decay}')
+  return decay
+
+
+def ema_init(params: Any) -> Any:
+  """A float32 copy of `params` to start the EMA from (a copy: the step donates its state,
+  and two leaves sharing a buffer cannot both be donated)."""
+  return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+
+
+def ema_update(ema: Any, params: Any, decay: float, count: jax.Array) -> Any:
+  """The EMA after its `count`-th update (1-based), which averages in `params`.
+
+  Bias-corrected as Adam's moments are: the result is the average of the parameters after
+  updates 1..count weighted by decay^(count - k) and normalised, i.e. each update moves the
+  EMA by (1 - decay) / (1 - decay^count) of the way to `params` (all of it at count 1).
+  Without the correction a 0.9999 EMA started at the initial parameters is still 37% random
+  initialisation after 10k steps, which early evaluations and checkpoints would measure;
+  unlike a warmup such as min(decay, (1 + t) / (10 + t)) it adds no constant to choose.
+  Kept in float32 whatever the parameters' dtype: a bfloat16 EMA would round away moves of
+  (1 - decay) of the distance and never change.
+  """
+  # (1 - decay) / (1 - decay^count) through expm1, accurate for decay near 1; both in float32
+  # so that the weight is exactly 1, and the EMA exactly `params`, at count 1.
+  log_decay = jnp.float32(math.log(decay))
+  weight = jnp.expm1(log_decay) / jnp.expm1(count.astype(jnp.float32) * log_decay)
+  return jax.tree.map(lambda e, p: (1 - weight) * e + weight * p.astype(jnp.float32),
+                      ema, params)
 
 
 def _contrastive(image_emb: jax.Array, text_emb: jax.Array, temperature: dict[str, jax.Array],
@@ -204,20 +245,25 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = clamp_temperature(optax.apply_updates(state.params, updates))
   params = param_groups.keep_frozen(params, state.params, state.freeze)
+  # Counted by `state.step`, so a skipped step (below) only shifts the weights of the average.
+  ema = None if state.ema_params is None else ema_update(state.ema_params, params,
+                                                        state.ema_decay, state.step + 1)
   # The rate this update applied: the optimizer's count, which skipped steps do not advance,
   # not `state.step`, which they do.
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                  learning_rate=optim.applied_learning_rate(state.opt_state,
                                                            state.learning_rate_fn))
-  # A non-finite loss or gradient drops the whole update: parameters and optimizer state stay
-  # as they were (the step counter still advances past the batch). The loop decides, from
+  # A non-finite loss or gradient drops the whole update: parameters, optimizer state and EMA
+  # stay as they were (the step counter still advances past the batch). The loop decides, from
   # `train/finite`, whether to go on (config.nan_policy, vlrep.runtime.nonfinite). Written here
   # rather than with optax.apply_if_finite, which would check the gradients only and add
   # counters to the optimizer state (and so to every checkpoint's layout).
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
-  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                   (params, opt_state), (state.params, state.opt_state))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  params, opt_state, ema = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
+      (state.params, state.opt_state, state.ema_params))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema)
   return new_state, {**{f'train/{k}': v for k, v in metrics.items()}, FINITE_METRIC: finite}
 
 
@@ -254,13 +300,18 @@ def _state_builder(model: CoCa, tx: optax.GradientTransformation,
                    config: ml_collections.ConfigDict, mesh: Mesh) -> Callable[[jax.Array], Any]:
   """rng -> a new TrainState whose arrays are boxed with their logical names."""
   loss_config = LossConfig.from_config(config.loss)
+  decay = ema_decay(config.optim)
 
   def boxed_state(rng):
     params = init_params(model, config, rng)
+    # Mapped inside the boxes, so the EMA carries the parameters' logical names (and so
+    # their shardings).
+    ema = ema_init(params) if decay else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model=model, tx=tx, learning_rate_fn=learning_rate_fn,
                       loss_config=loss_config, mesh=mesh,
-                      microbatches=int(config.microbatches), freeze=tuple(config.optim.freeze))
+                      microbatches=int(config.microbatches), freeze=tuple(config.optim.freeze),
+                      ema_params=ema, ema_decay=decay)
   return boxed_state
 
 

@@ -172,7 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = checkpointer.restore(start, state, state_shardings, data_iterator)
     logging.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), start)
   elif config.init_from:  # only a fresh run: a resumed one continues from its own
-    state = state.replace(params=init_from.load_params(config.init_from, state.params, config))
+    params = init_from.load_params(config.init_from, state.params, config)
+    state = state.replace(params=params, ema_params=None if state.ema_params is None
+                          else step_lib.ema_init(params))
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 
@@ -182,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = MetricWriter(workdir)
 
   def evaluate(step: int) -> dict[str, float]:
-    pretrained.params = state.params
+    # The EMA when the run keeps one: what `vlrep.load` and `vlrep.evaluate` give by default.
+    pretrained.params = state.params if state.ema_params is None else state.ema_params
     t0 = time.time()
     results = evaluator(pretrained)
     logging.info('eval at step %d (%.0fs): %s', step, time.time() - t0,

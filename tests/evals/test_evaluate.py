@@ -54,7 +54,8 @@ def _cli(workdir, *flags):
 
 def test_cli_evaluates_a_step_with_overrides(run):
   config, workdir, steps = run
-  result = _cli(workdir, '--step=3', '--config.evals.retrieval.ks=(1,2)',
+  # --raw_params: a checkpoint without an EMA has only the raw parameters to give.
+  result = _cli(workdir, '--step=3', '--raw_params', '--config.evals.retrieval.ks=(1,2)',
                 '--config.evals.zeroshot_colour.templates=("a {} thing",)')
   assert result.returncode == 0, result.stderr[-3000:]
   printed = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,13 +1,15 @@
-"""`python -m vlrep.evaluate --workdir=DIR [--step=N] [--config.evals.NAME.FIELD=V]`.
+"""`python -m vlrep.evaluate --workdir=DIR [--step=N] [--raw_params] [--config.evals.N.F=V]`.
 
 Evaluates a run's latest checkpoint (or `--step`) without training: the model and the
 evaluations come from the run's own `DIR/config.json` (a run saved before `config.evals`
 existed gets its old evaluation, `vlrep.evals.entries.legacy_evals`), overridden by
 `--config.` flags for the fields that do not change the model (`evals.*`, `eval_batch_size`,
-`data.eval*`, `data.tfds_*`); a misspelt field fails naming it. Writes the flat
-`{'eval_name/metric': number}` to `DIR/results.json` (replacing the training run's) and
-prints it as JSON. Like training, it runs on every device of every process of a
-multi-process launch, with the same numbers for any device or process count.
+`data.eval*`, `data.tfds_*`); a misspelt field fails naming it. A run that kept an EMA of
+its parameters is evaluated on the EMA, as during training; `--raw_params` takes the trained
+parameters instead. Writes the flat `{'eval_name/metric': number}` to `DIR/results.json`
+(replacing the training run's) and prints it as JSON. Like training, it runs on every device
+of every process of a multi-process launch, with the same numbers for any device or process
+count.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def evaluate(workdir: str, step: int | None = None,
-             config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
-  """Results of `config.evals` (default: the run's) on checkpoint `step` (default: latest);
-  process 0 writes them to `workdir/results.json`."""
+             config: ml_collections.ConfigDict | None = None,
+             raw_params: bool = False) -> dict[str, float]:
+  """Results of `config.evals` (default: the run's) on checkpoint `step` (default: latest),
+  of its EMA of the parameters when it has one unless `raw_params`; process 0 writes them
+  to `workdir/results.json`."""
   config = run_config(workdir) if config is None else config
   evaluator = Evaluator(config)  # validates the entries before the restore
-  params = checkpoint.restore_params(workdir, config, step)
+  params = checkpoint.restore_params(workdir, config, step, raw_params=raw_params)
   model = Pretrained(config, params, batch_size=config.eval_batch_size)
   results = evaluator(model)
   if jax.process_index() == 0:
@@ -76,7 +80,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   distributed.initialize()
-  results = evaluate(FLAGS.workdir, FLAGS.step, FLAGS.config)
+  results = evaluate(FLAGS.workdir, FLAGS.step, FLAGS.config, FLAGS.raw_params)
   logging.info('evaluated %s', FLAGS.workdir)
   if jax.process_index() == 0:
     print(json.dumps(results, sort_keys=True), flush=True)
@@ -92,6 +96,8 @@ def define_flags() -> None:
   exits with one line when it is missing or its run cannot be read."""
   flags.DEFINE_string('workdir', None, 'Training run directory (config.json, checkpoints/).')
   flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+  flags.DEFINE_boolean('raw_params', False, 'Evaluate the trained parameters rather than '
+                       'their EMA (optim.ema_decay), for a run that kept one.')
   flags.mark_flag_as_required('workdir')
   # The --config.* overrides apply to the run's own config, which --workdir names: parse
   # that first, then define the config flag over the loaded config.

@@ -1,17 +1,18 @@
 """Orbax checkpoints of a run: parameters, optimizer state and the data iterator's position.
 
-Layout: `workdir/checkpoints/<step>/{params,state,data}`. `params` is kept apart from the
-optimizer state so `vlrep.load` can read the weights alone; `data` is the grain iterator's
-state (a JSON position in the global stream), captured when `save` is called, so a resumed
-run sees exactly the batches it would have seen. Saves are asynchronous; orbax writes into a
-temporary directory (`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a
-process killed mid-save leaves at most a temporary directory, which is never picked up (and
-is deleted by the next run). On gs:// (TensorStore writes the arrays; buckets cannot rename)
-a step folder is complete once it holds `commit_success.txt`; one without it (a killed save)
-is ignored the same way and deleted by the next run's manager (`cleanup_tmp_directories`;
-tests/test_gcs_end_to_end.py), so the step can be saved again. Before restoring,
-`export.check_shapes` compares the checkpoint's metadata with the arrays the config builds,
-so a mismatch names the array and both shapes.
+Layout: `workdir/checkpoints/<step>/{params,state,data}`, plus `ema_params` when the run keeps
+an EMA of its parameters (`optim.ema_decay`). `params` and `ema_params` are kept apart from
+the optimizer state so `vlrep.load` can read the weights alone (the EMA when there is one);
+`data` is the grain iterator's state (a JSON position in the global stream), captured when
+`save` is called, so a resumed run sees exactly the batches it would have seen. Saves are
+asynchronous; orbax writes into a temporary directory (`<step>.orbax-checkpoint-tmp-*`) and
+renames it when complete, so a process killed mid-save leaves at most a temporary directory,
+which is never picked up (and is deleted by the next run). On gs:// (TensorStore writes the
+arrays; buckets cannot rename) a step folder is complete once it holds `commit_success.txt`;
+one without it (a killed save) is ignored the same way and deleted by the next run's manager
+(`cleanup_tmp_directories`; tests/test_gcs_end_to_end.py), so the step can be saved again.
+Before restoring, `export.check_shapes` compares the checkpoint's metadata with the arrays the
+config builds, so a mismatch names the array and both shapes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from vlrep import step as step_lib
 from vlrep.parallel import sharding
@@ -75,11 +77,19 @@ def _check_items(manager: ocp.CheckpointManager, step: int, expected: Mapping[st
     raise ValueError(f'{paths.join(str(manager.directory), str(step))}: {e}') from None
 
 
+# The checkpoint item of the EMA of the parameters; absent from checkpoints of runs without one.
+EMA_ITEM = 'ema_params'
+
+
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
   # Given up front (rather than inferred at the first save) so that a manager that has not
   # saved yet can read a checkpoint's metadata.
   return {'params': ocp.StandardCheckpointHandler(), 'state': ocp.StandardCheckpointHandler(),
-          'data': ocp.JsonCheckpointHandler()}
+          EMA_ITEM: ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+
+
+def _has_ema(manager: ocp.CheckpointManager, step: int) -> bool:
+  return manager.item_metadata(step).get(EMA_ITEM) is not None
 
 
 class Checkpointer:
@@ -97,24 +107,39 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: step_lib.TrainState, data_iterator: Any) -> None:
+    ema = {} if state.ema_params is None else {
+        EMA_ITEM: ocp.args.StandardSave(state.ema_params)}
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         state=ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state}),
-        data=ocp.args.JsonSave(data_iterator.get_state())))
+        data=ocp.args.JsonSave(data_iterator.get_state()), **ema))
 
   def restore(self, step: int, state: step_lib.TrainState, state_shardings: Any,
               data_iterator: Any) -> step_lib.TrainState:
-    """`state` (same structure, any values) gives shapes; arrays land in `state_shardings`."""
+    """`state` (same structure, any values) gives shapes; arrays land in `state_shardings`.
+
+    A state with an EMA resumed from a checkpoint without one (optim.ema_decay turned on
+    mid-run) starts its EMA at the restored parameters; a checkpoint's EMA that the state
+    has no room for (turned off) is left unread."""
     abstract = _abstract_arrays(state, state_shardings)
-    state_item = {'step': abstract.step, 'opt_state': abstract.opt_state}
-    _check_items(self._manager, step, {'params': abstract.params, 'state': state_item})
+    items = {'params': abstract.params,
+             'state': {'step': abstract.step, 'opt_state': abstract.opt_state}}
+    if state.ema_params is not None and _has_ema(self._manager, step):
+      items[EMA_ITEM] = abstract.ema_params
+    _check_items(self._manager, step, items)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract.params),
-        state=ocp.args.StandardRestore(state_item),
-        data=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(),
+        **{name: ocp.args.StandardRestore(item) for name, item in items.items()}))
     data_iterator.set_state(restored.data)
+    ema = state.ema_params
+    if ema is not None:
+      if EMA_ITEM in items:
+        ema = restored[EMA_ITEM]
+      else:
+        logging.warning('checkpoint %d has no EMA of the parameters: it starts at them', step)
+        ema = step_lib.ema_init(restored.params)
     return state.replace(step=restored.state['step'], params=restored.params,
-                         opt_state=restored.state['opt_state'])
+                         opt_state=restored.state['opt_state'], ema_params=ema)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -124,9 +149,11 @@ class Checkpointer:
 
 
 def restore_params(workdir: str, config: ml_collections.ConfigDict, step: int | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> Any:
+                   mesh: jax.sharding.Mesh | None = None, *, raw_params: bool = False) -> Any:
   """Parameters of `step` (default: latest), restored straight into their shardings on `mesh`
-  (default: this process's devices on the batch axes), whatever mesh wrote them."""
+  (default: this process's devices on the batch axes), whatever mesh wrote them, in the
+  model's parameter dtype: the EMA of the parameters when the checkpoint has one, unless
+  `raw_params` (then, and without an EMA, the trained parameters themselves)."""
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_item_handlers())
   try:
     step = manager.latest_step() if step is None else step
@@ -135,8 +162,9 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict, step: int | 
                               f'{checkpoint_dir(workdir)} (have: {manager.all_steps()})')
     mesh = sharding.make_mesh(sharding.DATA_PARALLEL) if mesh is None else mesh
     abstract = export.abstract_params(config, mesh)
-    _check_items(manager, step, {'params': abstract})
+    item = 'params' if raw_params or not _has_ema(manager, step) else EMA_ITEM
+    _check_items(manager, step, {item: abstract})
     return manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract))).params
+        **{item: ocp.args.StandardRestore(abstract)}))[item]
   finally:
     manager.close()

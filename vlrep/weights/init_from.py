@@ -2,7 +2,8 @@
 
 `config.init_from` is one of
   DIR                                a vlrep run directory (the parameters of its latest
-                                     checkpoint) or a directory written by `Pretrained.save`;
+                                     checkpoint, their EMA if it kept one, as `vlrep.load`)
+                                     or a directory written by `Pretrained.save`;
   open_clip:STATE_DICT:MODEL_CFG     an open_clip state dict file and its model config JSON
                                      (open_clip's `model_configs/*.json` format), converted
                                      by `vlrep.weights.open_clip` (the last ':' separates them);
