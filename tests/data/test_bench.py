@@ -7,6 +7,7 @@ import sys
 
 from conftest import REPO, load_config
 from vlrep.data import bench, pipeline
+from vlrep.runtime import paths
 
 
 def test_measure_reports_a_rate(config):
@@ -28,3 +29,14 @@ def test_command_line_writes_records_and_prints_json_last(tmp_path):
   assert result['auto'] == ['worker_threads', 'workers']
   assert (result['worker_threads'], result['workers']) == pipeline.input_workers(
       load_config('coca').data, result['cpus'])
+
+
+def test_records_written_to_a_bucket_are_read_back_by_the_pipeline(bucket):
+  """`--write_records=gs://...`: the file lands in the bucket (never a local 'gs:' folder) and
+  `arrayrecord:gs://...` reads it."""
+  folder = f'{bucket}/records'
+  path = bench.write_records_to(folder, 5, image_size=24)
+  assert path == f'{folder}/bench-00000.array_record'
+  assert paths.listdir(folder) == ['bench-00000.array_record']
+  assert not os.path.exists('gs:')
+  assert len(pipeline.source_from_config(load_config('coca'), f'arrayrecord:{folder}')) == 5

@@ -175,3 +175,27 @@ def test_sentencepiece_tokenizer_pickles(trained):
   text = 'a red dog sits on the grass'
   np.testing.assert_array_equal(copy.encode([text], 16), tok.encode([text], 16))
   assert copy.vocab_size == tok.vocab_size and copy.decode(tok.encode([text], 16)[0]) == text
+
+
+def test_tokenizer_files_on_a_bucket(bucket):
+  """Captions read from, a SentencePiece model trained to, and models loaded from gs://; a
+  transformers directory there is refused by name (transformers reads local folders only)."""
+  from vlrep.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  from vlrep.runtime import paths  # pylint: disable=g-import-not-at-top
+  paths.write_text(f'{bucket}/captions.txt', '\n'.join(_captions(500)) + '\n')
+  assert list(read_captions(f'{bucket}/captions.txt')) == _captions(500)
+  model = train_sentencepiece(read_captions(f'{bucket}/captions.txt'), 48,
+                              f'{bucket}/sp/words.model', **_QUIET)
+  assert paths.listdir(f'{bucket}/sp') == ['words.model'] and not os.path.exists('gs:')
+  texts = ['a red dog runs on the grass', 'two small birds']
+  remote = get_tokenizer(f'sentencepiece:{model}')
+  with paths.reading_locally(model) as local:
+    np.testing.assert_array_equal(remote.encode(texts, 16),
+                                  SentencePieceTokenizer(local).encode(texts, 16))
+  paths.upload(clip_bpe.DEFAULT_VOCAB, f'{bucket}/bpe.txt.gz')
+  np.testing.assert_array_equal(get_tokenizer(f'clip_bpe:{bucket}/bpe.txt.gz').encode(texts, 16),
+                                get_tokenizer('clip_bpe').encode(texts, 16))
+  with pytest.raises(ValueError, match='copy it down first'):
+    get_tokenizer(f'hf:{bucket}/tokenizer')
+  with pytest.raises(paths.UnsupportedPathError, match='s3://'):
+    get_tokenizer('sentencepiece:s3://b/words.model')

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from typing import Iterable
 
@@ -22,6 +21,7 @@ from PIL import Image
 
 from vlrep.data import pipeline, records
 from vlrep.data.synthetic import SyntheticShapes
+from vlrep.runtime import paths
 
 
 def write_records(path: str, count: int, image_size: int = 128, corrupt: Iterable[int] = (),
@@ -66,14 +66,23 @@ def measure(config, batches: int) -> dict[str, float]:
           'batches_per_s': batches / seconds, 'seconds': seconds}
 
 
+def write_records_to(folder: str, count: int, image_size: int) -> str:
+  """`--write_records`: `count` records in FOLDER/bench-00000.array_record (local or gs://);
+  returns the file's path."""
+  paths.makedirs(folder)
+  path = paths.join(folder, 'bench-00000.array_record')
+  # ArrayRecordWriter writes local files only: a gs:// file is uploaded once written.
+  with paths.writing_locally(path) as local_path:
+    write_records(local_path, count, image_size)
+  return path
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if f.write_records:
-    os.makedirs(f.write_records, exist_ok=True)
-    path = os.path.join(f.write_records, 'bench-00000.array_record')
-    write_records(path, f.records, f.record_image_size)
+    path = write_records_to(f.write_records, f.records, f.record_image_size)
     print(f'wrote {f.records} records to {path}', flush=True)
   config = f.config
   with config.unlocked():

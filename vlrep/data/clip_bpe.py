@@ -32,6 +32,8 @@ import ftfy
 import numpy as np
 import regex
 
+from vlrep.runtime import paths
+
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              'bpe_simple_vocab_16e6.txt.gz')
 CONTEXT_LENGTH = 77  # every CLIP model's text length
@@ -66,11 +68,13 @@ def clean(text: str) -> str:
 
 
 def _read_merges(path: str) -> list[tuple[str, str]]:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'CLIP BPE vocabulary file {path!r} not found')
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    lines = f.read().decode('utf-8').split('\n')[1:_NUM_MERGES + 1]
+  with paths.open_file(path, 'rb') as f:  # local or gs://
+    data = f.read()
+  if path.endswith('.gz'):
+    data = gzip.decompress(data)
+  lines = data.decode('utf-8').split('\n')[1:_NUM_MERGES + 1]
   merges = []
   for number, line in enumerate(lines, start=2):
     pair = tuple(line.split())
@@ -176,4 +180,4 @@ def _load(path: str) -> ClipBpeTokenizer:
 
 def get(path: str = '') -> ClipBpeTokenizer:
   """The tokenizer of `clip_bpe` (path '') or `clip_bpe:PATH`."""
-  return _load(os.path.expanduser(path) if path else DEFAULT_VOCAB)
+  return _load(paths.local(paths.check(path)) if path else DEFAULT_VOCAB)

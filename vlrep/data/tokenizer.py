@@ -37,6 +37,8 @@ import numpy as np
 import sentencepiece as spm
 from absl import app, flags, logging
 
+from vlrep.runtime import paths
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -112,9 +114,9 @@ class SentencePieceTokenizer:
 
   def __init__(self, path: str):
     self.path = path
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f'SentencePiece model file {path!r} not found')
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:  # local or gs://
       proto = f.read()
     self._sp = spm.SentencePieceProcessor()
     try:
@@ -197,12 +199,15 @@ def get_tokenizer(spec: str) -> Tokenizer:
     return ByteTokenizer()
   name, _, path = spec.partition(':')
   if name == 'sentencepiece' and path:
-    return _load_sentencepiece(os.path.expanduser(path))
+    return _load_sentencepiece(paths.local(paths.check(path)))
   if name == 'clip_bpe':
     # Imported here: only runs that use it pay for loading ftfy and the vocabulary.
     from vlrep.data import clip_bpe  # pylint: disable=g-import-not-at-top
     return clip_bpe.get(path)
   if name == 'hf' and path:
+    if paths.is_remote(path):
+      raise ValueError(f'data.tokenizer={spec!r}: transformers reads tokenizer directories '
+                       'locally; copy it down first')
     return _load_hf(os.path.expanduser(path))
   raise ValueError(f'Unknown data.tokenizer {spec!r}; known: {", ".join(SPECS)}')
 
@@ -241,12 +246,13 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, output: str,
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=(c for c in captions if c),
                                  model_writer=model, vocab_size=int(vocab_size), **settings)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  # Written whole, then renamed: a reader never sees half a model.
-  partial = f'{output}.partial'
-  with open(partial, 'wb') as f:
-    f.write(model.getvalue())
-  os.replace(partial, output)
+  paths.check(output)  # before a local folder named 'scheme:' could be made
+  if not paths.is_remote(output):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  # Written whole (a local file renamed, or one object): a reader never sees half a model.
+  with paths.writing_locally(output) as partial:
+    with open(partial, 'wb') as f:
+      f.write(model.getvalue())
   return output
 
 
@@ -272,7 +278,7 @@ def read_captions(source: str, max_sentences: int = DEFAULT_MAX_SENTENCES) -> It
     An iterator over the captions.
   """
   if source.endswith('.txt'):
-    f = open(source, encoding='utf-8')
+    f = paths.open_file(source, 'r', encoding='utf-8')  # local or gs://
 
     def lines() -> Iterator[str]:
       with f:
@@ -324,7 +330,7 @@ def main(argv: list[str]) -> None:
                       input_sentence_size=args.max_sentences)
   seconds = time.time() - start
   vocab_size = SentencePieceTokenizer(output).vocab_size
-  path = os.path.abspath(output)
+  path = paths.absolute(output)
   print(path)
   print(f'vocab_size {vocab_size} (asked for {args.vocab_size}), {read} sentences read, '
         f'{seconds:.1f} s')
