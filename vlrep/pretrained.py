@@ -6,13 +6,14 @@ methods, so what is measured is what users get. Inputs of any batch size are pro
 fixed-size chunks (the last one padded), so each method compiles once per chunk shape. Each
 chunk is split over the batch axes of a device mesh (the training mesh during training, all
 devices otherwise), so it runs data-parallel on every device of every process; every process
-passes the same inputs and gets the full outputs back.
+passes the same inputs and gets the full outputs back. Streamed evaluation images
+(`pipeline.EvalImages`) are decoded chunk by chunk, each process only its devices' rows.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -24,6 +25,9 @@ from vlrep.evals import retrieval, zeroshot
 from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
 from vlrep.parallel import sharding
+
+if TYPE_CHECKING:
+  from vlrep.data import pipeline
 
 
 # Decoding methods of `Pretrained.caption` and the options each accepts.
@@ -61,24 +65,47 @@ def _to_host(x: jax.Array) -> np.ndarray:
       multihost_utils.process_allgather(x, tiled=True)
 
 
-def _in_chunks(fn: Callable[..., Any], inputs: np.ndarray | tuple[np.ndarray, ...], chunk: int,
-               batch_sharding: jax.sharding.Sharding) -> np.ndarray:
-  """fn over `inputs` (one array, or a tuple of arrays with the same rows, passed as
-  separate arguments) in chunks of `chunk` rows (last one zero-padded), concatenated.
+def _images(images: Any) -> Any:
+  """Streamed evaluation images as they are (read in `_in_chunks`), anything else as numpy."""
+  return images if hasattr(images, 'take_rows') else np.asarray(images)
 
-  Every process holds all of `inputs`; each chunk becomes a global array split over the
-  batch axes (each process keeps the rows of its own devices).
+
+def _row_template(x: Any, prepare: Callable[[np.ndarray], np.ndarray]) -> tuple[tuple, Any]:
+  """(shape, dtype) of one row of `x` as `prepare` makes it."""
+  first = np.zeros((1, *x.row_shape), x.dtype) if hasattr(x, 'take_rows') else np.asarray(x[:1])
+  first = prepare(first)
+  return first.shape[1:], first.dtype
+
+
+def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
+               batch_sharding: jax.sharding.Sharding,
+               prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+  """fn over `inputs` in chunks of `chunk` rows (the last one zero-padded), concatenated.
+
+  `inputs` is one array or sequence, or a tuple of them with the same rows (passed as
+  separate arguments). A sequence with `take_rows` (`pipeline.EvalImages`) is decoded here,
+  and only in the rows that this process's devices hold (`sharding.process_rows`): on a pod
+  each host decodes its share of every chunk. `prepare` maps every input's rows as read.
+  Each chunk becomes a global array split over the batch axes; every process gets the whole
+  output back.
   """
   inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+  prepare = prepare or (lambda x: x)
+  mine = sharding.process_rows(batch_sharding, chunk)
+  templates = [_row_template(x, prepare) for x in inputs]
   outputs = []
   for start in range(0, len(inputs[0]), chunk):
-    arrays, rows = [], 0
-    for x in inputs:
-      part = x[start:start + chunk]
-      rows = len(part)
-      padded = np.concatenate([part, np.zeros((chunk - rows, *part.shape[1:]), part.dtype)])
-      arrays.append(jax.make_array_from_process_local_data(batch_sharding, padded,
-                                                           padded.shape))
+    rows = min(chunk, len(inputs[0]) - start)
+    real = mine[mine < rows]  # a prefix of `mine`: the rest of this process's rows are padding
+    arrays = []
+    for x, (shape, dtype) in zip(inputs, templates):
+      local = np.zeros((len(mine), *shape), dtype)
+      if len(real):
+        wanted = start + real
+        local[:len(real)] = prepare(x.take_rows(wanted) if hasattr(x, 'take_rows')
+                                    else np.asarray(x)[wanted])
+      arrays.append(jax.make_array_from_process_local_data(batch_sharding, local,
+                                                           (chunk, *shape)))
     outputs.append(_to_host(fn(*arrays))[:rows])
   return np.concatenate(outputs)
 
@@ -120,11 +147,12 @@ class Pretrained:
                                'bilinear', antialias=True)
     return np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
 
-  def encode_image(self, images: np.ndarray) -> np.ndarray:
-    """L2-normalised image embeddings float32 [B, E]."""
-    images = self.preprocess_images(images)
-    return _in_chunks(lambda x: _encode_image(self.model, self.params, x), images,
-                      self.batch_size, self._batch_sharding)
+  def encode_image(self, images: np.ndarray | pipeline.EvalImages) -> np.ndarray:
+    """L2-normalised image embeddings float32 [B, E]; `images` as `preprocess_images` takes
+    them, or streamed evaluation images (each process decodes only its devices' rows)."""
+    return _in_chunks(lambda x: _encode_image(self.model, self.params, x),
+                      _images(images), self.batch_size, self._batch_sharding,
+                      self.preprocess_images)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
@@ -133,7 +161,7 @@ class Pretrained:
     return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
                       np.asarray(tokens, np.int32), self.batch_size, self._batch_sharding)
 
-  def caption_ids(self, images: np.ndarray, max_len: int | None = None, *,
+  def caption_ids(self, images: np.ndarray | pipeline.EvalImages, max_len: int | None = None, *,
                   method: str = 'greedy', **options: Any) -> np.ndarray:
     """Decoded token rows int32 [B, max_len] (`[BOS, ..., EOS, PAD ...]`).
 
@@ -149,7 +177,7 @@ class Pretrained:
     if unknown:
       raise ValueError(f'options {sorted(unknown)} do not apply to method {method!r}')
     max_len = max_len or self.config.data.max_text_len
-    images = self.preprocess_images(images)
+    images = _images(images)
     options.update(bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
     if method == 'sample':
       rng = jax.random.key(options.pop('seed', 0))
@@ -167,7 +195,8 @@ class Pretrained:
 
     def run(chunk):
       return decode_chunk(_caption_tokens(self.model, self.params, chunk))
-    return _in_chunks(run, images, self.batch_size, self._batch_sharding)
+    return _in_chunks(run, images, self.batch_size, self._batch_sharding,
+                      self.preprocess_images)
 
   def caption(self, images: np.ndarray, max_len: int | None = None, *, method: str = 'greedy',
               **options: Any) -> list[str]:

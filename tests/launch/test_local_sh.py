@@ -21,6 +21,7 @@ import pytest
 import vlrep
 from conftest import REPO, assert_same_params, load_config, override_flags, shrink
 from vlrep import train
+from vlrep.data import pipeline
 from vlrep.config import set_fields
 
 # warmup 0: every update, the first included, runs at a non-zero learning rate.
@@ -53,9 +54,11 @@ def single_process(tmp_path_factory):
   same learning-rate schedule (which depends on total_steps) at every step."""
   config = _config()
   workdir = str(tmp_path_factory.mktemp('single'))
+  decoded = pipeline.eval_images_decoded()
   train.train_and_evaluate(config, workdir)
+  decoded = pipeline.eval_images_decoded() - decoded  # by the evaluation at step 2
   train.train_and_evaluate(_resumed(config), workdir)
-  return config, _records(workdir), workdir
+  return config, _records(workdir), workdir, decoded
 
 
 def _resumed(config):
@@ -65,7 +68,7 @@ def _resumed(config):
 
 
 def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path):
-  config, reference, single_workdir = single_process
+  config, reference, single_workdir, single_decoded = single_process
   workdir = str(tmp_path / 'run')
   command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
              '--devices_per_process=4', '--', '--config=configs/coca.py:tiny',
@@ -76,6 +79,13 @@ def test_two_processes_train_like_one_and_resume_on_one(single_process, tmp_path
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
   assert '[p0]' in output and '[p1]' in output
+  # Each process decoded only its devices' rows of the evaluation images: between them, each
+  # image once, as the single process did.
+  decoded = {p: [int(n) for n in re.findall(rf'\[{p}\].*this process decoded (\d+) evaluation',
+                                               output)] for p in ('p0', 'p1')}
+  assert len(decoded['p0']) == len(decoded['p1']) == 1, decoded
+  assert decoded['p0'][0] + decoded['p1'][0] == single_decoded, (decoded, single_decoded)
+  assert 0 < decoded['p1'][0] < single_decoded
 
   # Same losses as the single process, from each process's half of every batch, and after
   # two updates the same value of every parameter (not those of two more updates). The

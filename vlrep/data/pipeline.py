@@ -36,7 +36,8 @@ _SKIP_ERRORS = transforms.DECODE_ERRORS
 _LOGGED_SKIPS = 10
 
 _skipped = 0
-_skipped_lock = threading.Lock()
+_skipped_lock = threading.Lock()  # also guards _decoded_eval_images
+_decoded_eval_images = 0
 
 
 def skipped_count() -> int:
@@ -199,13 +200,17 @@ def eval_source(config: ml_collections.ConfigDict, spec: str = '', label_key: st
 
 
 class EvalImages:
-  """The decoded images of chosen examples of a source, read on demand in chunks.
+  """The decoded images of chosen examples of a source, read on demand.
 
   What `eval_examples(..., stream=True)` returns as `images`: a sequence that holds only the
   examples' indices, so an evaluation keeps at most one chunk of decoded images in memory
-  whatever the set's size. `chunks(n)` yields uint8 [<=n, S, S, 3] arrays in order; slicing
-  gives the images of a prefix (or any range) of the examples, still unread.
+  whatever the set's size. `Pretrained`'s methods take it in place of an array and decode,
+  chunk by chunk, only the rows that this process's devices hold (`take_rows`); `chunks(n)`
+  yields uint8 [<=n, S, S, 3] arrays in order; slicing gives the images of a prefix (or any
+  range) of the examples, still unread.
   """
+
+  dtype = np.dtype(np.uint8)
 
   def __init__(self, source: Any, indices: Sequence[int], image_size: int):
     self._source, self._indices, self._image_size = source, list(indices), image_size
@@ -213,19 +218,39 @@ class EvalImages:
   def __len__(self) -> int:
     return len(self._indices)
 
+  @property
+  def row_shape(self) -> tuple[int, int, int]:
+    return (self._image_size, self._image_size, 3)
+
   def __getitem__(self, rows: slice) -> 'EvalImages':
     if not isinstance(rows, slice):
-      raise TypeError('EvalImages are read in chunks (chunks(n)) or sliced, not indexed')
+      raise TypeError('EvalImages are read in chunks (chunks(n)), by take_rows or sliced, '
+                      'not indexed')
     return EvalImages(self._source, self._indices[rows], self._image_size)
+
+  def take_rows(self, rows: Sequence[int]) -> np.ndarray:
+    """uint8 [len(rows), S, S, 3]: the images at these positions, decoded now."""
+    global _decoded_eval_images
+    images = np.zeros((len(rows), *self.row_shape), self.dtype)
+    for k, row in enumerate(rows):
+      images[k] = transforms.decode_image(self._source[self._indices[row]]['image'],
+                                          self._image_size)
+    with _skipped_lock:
+      _decoded_eval_images += len(rows)
+    return images
 
   def chunks(self, size: int) -> Iterator[np.ndarray]:
     for begin in range(0, len(self._indices), size):
-      yield np.stack([transforms.decode_image(self._source[i]['image'], self._image_size)
-                      for i in self._indices[begin:begin + size]])
+      yield self.take_rows(range(begin, min(begin + size, len(self._indices))))
 
   def read(self) -> np.ndarray:
     """All of them at once (for small sets and tests)."""
-    return np.concatenate(list(self.chunks(max(1, len(self)))))
+    return self.take_rows(range(len(self)))
+
+
+def eval_images_decoded() -> int:
+  """How many evaluation images this process has decoded so far (`EvalImages`)."""
+  return _decoded_eval_images
 
 
 def eval_examples(config: ml_collections.ConfigDict, spec: str = '', num_examples: int = 0,

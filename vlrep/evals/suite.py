@@ -15,8 +15,9 @@ examples' captions, labels and indices, and each evaluation decodes the images a
 chunk (`Pretrained.batch_size`, i.e. `eval_batch_size`) at a time, embedding or captioning
 each chunk before the next is read; so host memory holds one chunk of decoded images (plus
 the float32 embeddings, E floats per example) whatever the set's size, where the whole set
-used to be held (12 GB for ImageNet's 50,000 validation images at 288 px). Each process still
-decodes every image of a chunk, not only its devices' rows.
+used to be held (12 GB for ImageNet's 50,000 validation images at 288 px). Each process
+decodes only the rows of each chunk that its devices hold (`Pretrained`'s chunking), and logs
+how many it decoded.
 """
 
 from __future__ import annotations
@@ -93,9 +94,7 @@ class _Examples:
     """Embeddings of `get(...)['images']`; valid until `clear`."""
     key = self._key(spec, start, label_key)
     if key not in self._embedded:
-      self._embedded[key] = np.concatenate(
-          [model.encode_image(chunk) for chunk in self._loaded[key]['images'].chunks(
-              model.batch_size)])
+      self._embedded[key] = model.encode_image(self._loaded[key]['images'])
     return self._embedded[key][:len(self.get(spec, start, count, label_key)['images'])]
 
   def clear(self) -> None:
@@ -148,9 +147,8 @@ def _captioning(name: str, entry: Any, data: _Examples, model: Pretrained) -> di
   for method in entry.methods:
     options = dict(beam_size=entry.beam_size, length_penalty=entry.length_penalty) \
         if method == 'beam' else {}
-    predictions = dict(enumerate(
-        caption for chunk in examples['images'].chunks(model.batch_size)
-        for caption in model.caption(chunk, entry.max_len or None, method=method, **options)))
+    predictions = dict(enumerate(model.caption(examples['images'], entry.max_len or None,
+                                               method=method, **options)))
     results[f'{name}/cider_{method}'] = captioning.cider_d(predictions, references)
     results[f'{name}/bleu4_{method}'] = captioning.bleu4(predictions, references)
     normalised = captioning.normalize_caption
@@ -206,6 +204,7 @@ class Evaluator:
 
   def __call__(self, model: Pretrained) -> dict[str, float]:
     results: dict[str, float] = {}
+    decoded = pipeline.eval_images_decoded()
     try:
       for name, entry in self.entries.items():
         start = time.time()
@@ -213,4 +212,6 @@ class Evaluator:
         logging.info('evals.%s: %.1fs', name, time.time() - start)
     finally:
       self._data.clear()  # embeddings belong to these parameters only
+    logging.info('this process decoded %d evaluation images',
+                 pipeline.eval_images_decoded() - decoded)
     return results
