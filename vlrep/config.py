@@ -1,14 +1,14 @@
 """The one config schema: every field, its type (that of its default), its default and why.
 
 `defaults()` is the complete config (the `tiny` CPU demo's values where a value depends on the
-variant); `coca(variant)`, `clip(variant)`, `siglip(variant)` and `lit(variant)` apply the
-variant tables (`SIZES`: named model and data sizes; `RECIPES`: the demo and paper training
-recipes), and `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The files in
-`configs/` call these. `migrate(saved)` turns a saved `config.json` of any earlier layout into
-a current, locked config: a field the saved config lacks takes the value that reproduces how
-vlrep ran it before the field existed (`ABSENT`, where that differs from today's default),
-and an unknown field is an error naming it. Everything else in vlrep reads fields without
-defaults.
+variant); `coca(variant)`, `clip(variant)`, `siglip(variant)`, `lit(variant)`, `cap(variant)`
+and `cappa(variant)` apply the variant tables (`SIZES`: named model and data sizes; `RECIPES`:
+the demo and paper training recipes), and `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with
+RECIPE's recipe. The files in `configs/` call these. `migrate(saved)` turns a saved
+`config.json` of any earlier layout into a current, locked config: a field the saved config
+lacks takes the value that reproduces how vlrep ran it before the field existed (`ABSENT`,
+where that differs from today's default), and an unknown field is an error naming it.
+Everything else in vlrep reads fields without defaults.
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.pooler_context_norm = True
   c.model.pooler_mlp_dim = 0
   c.model.image_projection = True
+  # False: a captioning-only model (Cap / CapPa), built without the contrastive pooler,
+  # projections, temperature and text [CLS], so that no parameter sits unused; it needs
+  # loss.contrastive_weight 0, and its image vector (probes) is the encoder tokens' mean.
+  c.model.contrastive = True
   # MLP activation everywhere: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP).
   c.model.activation = 'gelu_tanh'
   # LayerNorm epsilon of the poolers and the multimodal half (the towers have their own).
@@ -149,7 +153,12 @@ def defaults() -> ml_collections.ConfigDict:
       # Positions per slice of the caption loss: the output head, log-softmax and target
       # gather run a slice at a time, each slice taking its gradients at once (fused), so
       # the float32 [batch, length, vocab] logits never exist; 0 = all positions in one go.
-      'caption_chunk': 8})
+      'caption_chunk': 8,
+      # CapPa's parallel prediction: this fraction of each batch's rows (spread evenly over
+      # the batch, vlrep/models/text.py `parallel_rows`) read a learned [MASK] at every
+      # decoder position with no causal mask, and predict the whole caption at once from the
+      # image; the rest are teacher-forced. Needs model.contrastive=False. 0 = off.
+      'parallel_fraction': 0.0})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'
@@ -342,6 +351,34 @@ def lit(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c = clip(variant)
   c.optim.freeze = LIT_IMAGE_SIDE
   c.init_from_include = LIT_IMAGE_SIDE
+  return c
+
+
+# The evaluation types a captioning-only model can run: zero-shot and retrieval need a text
+# embedding, which it has none of.
+CAPTIONER_EVALS = ('captioning', 'linear_probe')
+
+
+def cap(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  """Cap (Tschannen et al. 2023): CoCa's VARIANT trained on captioning alone, with no contrastive
+  parts; its decoder is as deep as CoCa's whole text decoder, every layer cross-attending to
+  the image (the paper's decoder). Evaluated by captioning and linear probes."""
+  c = coca(variant)
+  text = c.model.text
+  set_fields(c, {'model.contrastive': False, 'loss.contrastive_weight': 0.0,
+                 'loss.caption_weight': 1.0, 'model.text.unimodal_layers': 0,
+                 'model.text.multimodal_layers': text.unimodal_layers + text.multimodal_layers})
+  c.evals = ml_collections.ConfigDict({name: entry for name, entry in c.evals.items()
+                                       if entry.type in CAPTIONER_EVALS})
+  c.unlock()
+  c.lock()
+  return c
+
+
+def cappa(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  """CapPa: Cap with parallel prediction for 75% of each batch's rows (the paper's fraction)."""
+  c = cap(variant)
+  c.loss.parallel_fraction = 0.75
   return c
 
 

@@ -33,7 +33,7 @@ FROZEN, TRAINABLE = 'frozen', 'trainable'
 # projections, temperature) and keeps 1.
 STACKS = {'image_encoder': ('block',), 'text_decoder': ('unimodal', 'multimodal')}
 EMBEDDINGS = {'image_encoder': ('block', r'stem_conv_\d+|patch_embed|cls_embed|pos_embed|ln_pre'),
-              'text_decoder': ('unimodal', r'token_embed|pos_embed|cls_embed')}
+              'text_decoder': ('unimodal', r'token_embed|pos_embed|cls_embed|mask_embed')}
 
 
 def path_name(path: Sequence[Any]) -> str:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from vlrep import losses, optim, param_groups
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
+from vlrep.models.text import parallel_rows
 from vlrep.parallel import sharding
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
@@ -49,16 +50,22 @@ class LossConfig:
   # Positions per slice of the chunked caption loss (`losses.chunked_caption_loss`); 0 = the
   # plain loss over the whole [B, L-1, V] logits.
   caption_chunk: int = 0
+  # The fraction of each batch's rows predicted in parallel from [MASK] inputs (CapPa;
+  # `text.parallel_rows`); 0 = every row autoregressive.
+  parallel_fraction: float = 0.0
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
     caption_chunk = int(loss.caption_chunk)
     if caption_chunk < 0:
       raise ValueError(f'loss.caption_chunk must be >= 0 (0 = unchunked), got {caption_chunk}')
+    parallel_fraction = float(loss.parallel_fraction)
+    if not 0.0 <= parallel_fraction <= 1.0:
+      raise ValueError(f'loss.parallel_fraction must be in [0, 1], got {parallel_fraction}')
     return cls(contrastive_weight=float(loss.contrastive_weight),
                caption_weight=float(loss.caption_weight),
                contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl,
-               caption_chunk=caption_chunk)
+               caption_chunk=caption_chunk, parallel_fraction=parallel_fraction)
 
 
 @flax.struct.dataclass
@@ -145,7 +152,7 @@ def _forward(model: CoCa, params: Any, batch: Batch,
   """The model's outputs and its caption loss (0 without multimodal layers)."""
   chunk, pad_id = loss_config.caption_chunk, model.text_decoder.pad_id
   out = model.apply({'params': params}, batch['images'], batch['tokens'],
-                    caption_features=chunk > 0)
+                    caption_features=chunk > 0, parallel_rows=batch.get('parallel'))
   if 'caption_features' in out:
     head, head_params = output_head(model, params)
     caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head,
@@ -157,12 +164,23 @@ def _forward(model: CoCa, params: Any, batch: Batch,
   return out, caption
 
 
+def _with_parallel_rows(batch: Batch, loss_config: LossConfig) -> Batch:
+  """`batch` with its [B] bool `parallel` rows, chosen over the global batch (so that
+  microbatches see the rows the whole batch would)."""
+  if not loss_config.parallel_fraction or 'parallel' in batch:
+    return batch
+  rows = parallel_rows(batch['tokens'].shape[0], loss_config.parallel_fraction)
+  return {**batch, 'parallel': jnp.asarray(rows)}
+
+
 def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConfig,
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted total loss and its parts (and the temperature) for one global batch."""
-  out, caption = _forward(model, params, batch, loss_config)
+  """Weighted total loss and its parts (and the temperature) for one global batch; a
+  captioning-only model's contrastive loss is 0."""
+  out, caption = _forward(model, params, _with_parallel_rows(batch, loss_config), loss_config)
   temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}
-  contrastive = _contrastive(out['image_emb'], out['text_emb'], temperature, loss_config, mesh)
+  contrastive = _contrastive(out['image_emb'], out['text_emb'], temperature, loss_config,
+                             mesh) if model.contrastive else jnp.zeros((), jnp.float32)
   metrics = _metrics(contrastive, caption, temperature, loss_config)
   return metrics['loss'], metrics
 
@@ -182,12 +200,11 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
   return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.Array], Any]:
-  """Metrics and gradients of `compute_losses` over the whole batch, one microbatch at a time."""
+def _contrastive_grads(state: TrainState, micro: Batch, trainable: Callable[[Any], Any]):
+  """GradCache's first two passes over the microbatches [K, B/K, ...]: (contrastive loss,
+  temperature, its weighted parameter gradients, d(loss)/d(image_emb) and d(loss)/d(text_emb)
+  split as the microbatches are)."""
   model, params, config, mesh = state.model, state.params, state.loss_config, state.mesh
-  trainable = lambda p: param_groups.stop_frozen(p, state.freeze)
-  micro = jax.tree.map(lambda x: _split_microbatches(x, state.microbatches, mesh), batch)
-
   # 1. Every embedding of the global batch, without gradients (no activations are kept).
   def embed(mb: Batch) -> tuple[jax.Array, jax.Array]:
     return model.apply({'params': params}, mb['images'], mb['tokens'], method=CoCa.embed)
@@ -203,6 +220,21 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   grads = jax.tree.map(lambda g: config.contrastive_weight * g, grads)
   image_grad, text_grad = (_split_microbatches(g, state.microbatches, mesh)
                            for g in (image_grad, text_grad))
+  return contrastive, temperature, grads, image_grad, text_grad
+
+
+def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.Array], Any]:
+  """Metrics and gradients of `compute_losses` over the whole batch, one microbatch at a time."""
+  model, params, config, mesh = state.model, state.params, state.loss_config, state.mesh
+  trainable = lambda p: param_groups.stop_frozen(p, state.freeze)
+  batch = _with_parallel_rows(batch, config)
+  micro = jax.tree.map(lambda x: _split_microbatches(x, state.microbatches, mesh), batch)
+  if model.contrastive:
+    contrastive, temperature, grads, image_grad, text_grad = _contrastive_grads(
+        state, micro, trainable)
+  else:  # captioning-only: the caption loss's gradients accumulated, no first pass
+    contrastive, temperature = jnp.zeros((), jnp.float32), {}
+    grads, image_grad, text_grad = jax.tree.map(jnp.zeros_like, params), None, None
 
   # 3. Each microbatch with gradients: d(loss)/d(params) = sum over embeddings of
   #    d(loss)/d(embedding) . d(embedding)/d(params), plus the microbatch's share of the
@@ -216,8 +248,8 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
 
     def surrogate(params):
       out, caption = _forward(model, trainable(params), mb, config)
-      value = config.contrastive_weight * (jnp.sum(out['image_emb'] * image_grad) +
-                                           jnp.sum(out['text_emb'] * text_grad))
+      value = 0.0 if image_grad is None else config.contrastive_weight * (
+          jnp.sum(out['image_emb'] * image_grad) + jnp.sum(out['text_emb'] * text_grad))
       caption_sum = jnp.zeros((), jnp.float32)
       if has_caption:
         count = jnp.sum(mb['tokens'][:, 1:] != pad_id).astype(jnp.float32)

@@ -61,6 +61,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ('contrastive_impl', losses.CONTRASTIVE_IMPLS)):
     if config.loss[field] not in allowed:
       raise ValueError(f'loss.{field}={config.loss[field]!r}; expected one of {allowed}')
+  if not config.model.contrastive and config.loss.contrastive_weight:
+    raise ValueError(f'loss.contrastive_weight={config.loss.contrastive_weight} with '
+                     'model.contrastive=False: a captioning-only model has no embeddings to '
+                     'contrast; set the weight to 0')
   nonfinite.guard_from_config(config)  # raises on a bad nan_policy or nan_max_consecutive
   make_optimizer(config.optim, config.total_steps)  # raises on a field it would ignore
   profile_steps(config)
@@ -135,10 +139,11 @@ def _format_duration(seconds: float) -> str:
 
 
 def _log_progress(step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
+  # A captioning-only model has no temperature: nan rather than a made-up scale.
   logging.info('step %d/%d | loss %.4f (contrastive %.4f, caption %.4f) | lr %.2e | '
                'scale %.1f | %.0f ex/s | ETA %s', step, total, metrics['train/loss'],
                metrics['train/contrastive_loss'], metrics['train/caption_loss'],
-               metrics['train/learning_rate'], metrics['train/logit_scale'],
+               metrics['train/learning_rate'], metrics.get('train/logit_scale', float('nan')),
                metrics['train/examples_per_s'], _format_duration(eta_s))
 
 

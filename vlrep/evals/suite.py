@@ -40,6 +40,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Fails fast (ValueError naming the entry) on a bad `config.evals` or source string."""
   for name, entry in entries.evals_of(config).items():
     entries.check(name, entry)
+    if entry.type in ('zeroshot', 'retrieval') and not config.model.contrastive:
+      raise ValueError(f'evals.{name}: a {entry.type} evaluation needs text embeddings, which a '
+                       'captioning-only model (model.contrastive=False) has none of; drop the '
+                       'entry (captioning and linear_probe run)')
     if entry.get('max_len', 0) > config.data.max_text_len:
       raise ValueError(f'evals.{name}.max_len={entry.max_len} exceeds the text length the model '
                        f'is built for, data.max_text_len={config.data.max_text_len}')

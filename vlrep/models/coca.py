@@ -14,6 +14,14 @@ poolers' heads, width, norms and residual MLP are options too (`layers.Attention
 SigLIP's head is a parallel pooler with no context norm and an MLP), and
 `image_projection=False` drops the image projection (SigLIP: the pooled vector is the
 embedding).
+
+Captioning-only models (Cap / CapPa, Tschannen et al. 2023; `contrastive=False`) have no
+contrastive pooler, projections, temperature or [CLS] (none of those parameters exist, so
+none sits unused in the optimizer or checkpoints): their image vector, what `encode_image`
+returns for probes, is the mean of the image encoder's output tokens, the captioner's
+representation with nothing trained on top; `encode_text` raises, as there is no text vector.
+With `text_decoder.parallel` the train step marks rows for parallel prediction
+(`parallel_rows`, see `vlrep/models/text.py`).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class CoCa(nn.Module):
   pooler_context_norm: bool = True
   pooler_mlp_dim: int = 0
   image_projection_layer: bool = True
+  contrastive: bool = True  # False: captioning-only, see the module docstring
 
   def setup(self):
     heads = self.pooler_heads or self.image_encoder.num_heads
@@ -78,6 +87,8 @@ class CoCa(nn.Module):
         ln_eps=self.pooler_ln_eps, context_norm=self.pooler_context_norm,
         mlp_dim=self.pooler_mlp_dim, activation=self.image_encoder.activation)
     self.captioning_pooler = pooler(self.captioning_queries)
+    if not self.contrastive:
+      return
     self.contrastive_pooler = pooler(1)
     if self.pooled_norm:
       self.image_pooled_norm = layer_norm('image_pooled_norm', self.dtype,
@@ -101,14 +112,22 @@ class CoCa(nn.Module):
 
   def temperature(self) -> dict[str, jax.Array]:
     """{'logit_scale'} and, for sigmoid losses, {'logit_bias'}: the loss's learned scalars."""
+    if not self.contrastive:
+      return {}
     out = {'logit_scale': self.logit_scale()}
     if self.logit_bias_init is not None:
       out['logit_bias'] = self.logit_bias
     return out
 
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """-> (L2-normalised embedding [B, E], captioning tokens [B, queries, W] or None)."""
+    """-> (L2-normalised embedding [B, E], captioning tokens [B, queries, W] or None).
+
+    Captioning-only models: the embedding is the encoder tokens' mean, [B, W].
+    """
     tokens = self.image_encoder(images)
+    if not self.contrastive:
+      return l2_normalize(jnp.mean(tokens, axis=1).astype(jnp.float32)), \
+          self.captioning_pooler(tokens)
     caption_tokens = None  # CLIP-like models (no multimodal layers) have no captioning pooler
     if self.image_pool == 'attn':
       if self.text_decoder.multimodal_layers:
@@ -133,22 +152,34 @@ class CoCa(nn.Module):
 
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (L2-normalised embedding [B, E], unimodal token features [B, L, W])."""
+    if not self.contrastive:
+      raise ValueError('a captioning-only model (model.contrastive=False) has no text '
+                       'embedding: zero-shot and retrieval need a contrastive one')
     cls, token_features = self.text_decoder.encode(tokens)
     return l2_normalize(self.text_projection(cls).astype(jnp.float32)), token_features
 
-  def __call__(self, images: jax.Array, tokens: jax.Array,
-               caption_features: bool = False) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, tokens: jax.Array, caption_features: bool = False,
+               parallel_rows: jax.Array | None = None) -> dict[str, jax.Array]:
     """Everything the losses need. `caption_logits[:, t]` predicts `tokens[:, t + 1]`.
 
     With `caption_features=True` the output has `caption_features` [B, L-1, W] instead of
     `caption_logits`: the features before the output head (`text_decoder.output_head`), for
-    a loss that applies the head in chunks (`losses.chunked_caption_loss`).
+    a loss that applies the head in chunks (`losses.chunked_caption_loss`). Captioning-only
+    models output no embeddings or temperature. `parallel_rows` ([B] bool, captioning-only
+    models with `text_decoder.parallel`): rows predicted in parallel from [MASK] inputs.
     """
     image_emb, caption_tokens = self.encode_image(images)
-    text_emb, token_features = self.encode_text(tokens)
-    out = {'image_emb': image_emb, 'text_emb': text_emb, **self.temperature()}
+    cls, token_features = self.text_decoder.encode(tokens, parallel_rows)
+    out = dict(self.temperature())
+    if self.contrastive:
+      if parallel_rows is not None:
+        raise ValueError('parallel rows read no text, so they have no text embedding: '
+                         'parallel prediction needs a captioning-only model')
+      text_emb = l2_normalize(self.text_projection(cls).astype(jnp.float32))
+      out.update(image_emb=image_emb, text_emb=text_emb)
     if self.text_decoder.multimodal_layers:
-      features = self.text_decoder.caption_features(token_features[:, :-1], caption_tokens)
+      features = self.text_decoder.caption_features(token_features[:, :-1], caption_tokens,
+                                                    parallel_rows)
       if caption_features:
         out['caption_features'] = features
       else:
@@ -167,12 +198,14 @@ class CoCa(nn.Module):
     """Teacher-forced logits [B, L, V] at every position: `[:, t]` predicts `tokens[:, t + 1]`
     (the last position predicts the token after the given ones)."""
     caption_tokens = self.encode_image(images)[1]
-    token_features = self.encode_text(tokens)[1]
+    token_features = self.text_decoder.encode(tokens)[1]
     return self.text_decoder.caption_logits(token_features, caption_tokens)
 
 
 def clamp_temperature(params: dict) -> dict:
   """`params` with the learned log-scale clamped to <= ln 100 (applied after each update)."""
+  if 'logit_scale' not in params:  # captioning-only
+    return params
   return {**params, 'logit_scale': jnp.minimum(params['logit_scale'], MAX_LOG_LOGIT_SCALE)}
 
 
@@ -221,6 +254,13 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   if remat not in REMAT_MODES:
     raise ValueError(f'model.remat={remat!r}; expected one of {REMAT_MODES}')
   dtype = compute_dtype(model.dtype, 'model.dtype')
+  contrastive, parallel = bool(model.contrastive), config.loss.parallel_fraction > 0
+  if not contrastive and (image_pool != 'attn' or not text.multimodal_layers):
+    raise ValueError('model.contrastive=False (captioning-only) needs multimodal layers to '
+                     "caption with and model.image_pool='attn' (its captioning pooler)")
+  if parallel and contrastive:
+    raise ValueError('loss.parallel_fraction > 0: parallel rows read only [MASK], so they have '
+                     'no text embedding for a contrastive loss; it needs model.contrastive=False')
   temperature_init, bias_init = TEMPERATURE_INIT[config.loss.contrastive_type]
   return CoCa(
       image_encoder=VisionTransformer(
@@ -246,7 +286,7 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
           multimodal_heads=text.multimodal_heads,
           multimodal_mlp_dim=text.multimodal_mlp_dim, multimodal_layout=layout,
           multimodal_ln_eps=ln_eps, multimodal_layer_scale=text.multimodal_layer_scale,
-          head_bias=text.head_bias),
+          head_bias=text.head_bias, contrastive=contrastive, parallel=parallel),
       embed_dim=model['embed_dim'], captioning_queries=model['captioning_queries'],
       pooler=model['pooler'], temperature_init=temperature_init, logit_bias_init=bias_init,
       dtype=dtype, image_pool=image_pool, pooler_heads=model.pooler_heads,
@@ -257,4 +297,4 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
       text_projection_bias=model.text_projection_bias,
       pooler_context_norm=model.pooler_context_norm,
       pooler_mlp_dim=model.pooler_mlp_dim,
-      image_projection_layer=model.image_projection)
+      image_projection_layer=model.image_projection, contrastive=contrastive)
