@@ -1,7 +1,7 @@
 """vlrep installed like a library (issue 17): run from outside the repo against a non-editable
 `pip install .`, it converts a randomly initialised open_clip CLIP (`vlrep.convert` and
 `vlrep.load_open_clip`), loads the export with `vlrep.load`, and trains 3 steps from
-`vlrep.config.coca('tiny')`, shrunk, through `vlrep.train.train_and_evaluate`. Fails if vlrep
+`vlrep.variants.coca('tiny')`, shrunk, through `vlrep.train.train_and_evaluate`. Fails if vlrep
 is imported from the repo. `.ci/run` runs it; pytest does not collect it.
 """
 
@@ -21,7 +21,7 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 
 import vlrep  # noqa: E402
-from vlrep import config as vlrep_config  # noqa: E402
+from vlrep import variants  # noqa: E402
 from vlrep import train  # noqa: E402
 
 MODEL_CFG = dict(
@@ -61,7 +61,7 @@ def main() -> None:
   np.testing.assert_allclose(direct.encode_text(TEXTS), want.numpy(), atol=1e-4)
   print('converted, loaded and embedded as open_clip does')
 
-  config = vlrep_config.coca('tiny')
+  config = variants.coca('tiny')
   config.update(batch_size=8, total_steps=3, log_every_steps=1, checkpoint_every_steps=3,
                 eval_every_steps=0)
   config.data.eval_examples = 8

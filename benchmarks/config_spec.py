@@ -10,9 +10,9 @@ import os
 
 import ml_collections
 
-from vlrep import config as vlrep_config
+from vlrep import variants
 
-_PACKAGED = {'coca': vlrep_config.coca, 'clip': vlrep_config.clip, 'siglip': vlrep_config.siglip}
+_PACKAGED = {'coca': variants.coca, 'clip': variants.clip, 'siglip': variants.siglip}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

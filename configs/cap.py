@@ -7,8 +7,8 @@ contrastive parameters (`model.contrastive=False`) and an all-multimodal decoder
 
 import ml_collections
 
-from vlrep import config
+from vlrep import variants
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  return config.cap(variant)
+  return variants.cap(variant)

@@ -8,8 +8,8 @@ the rest autoregressively.
 
 import ml_collections
 
-from vlrep import config
+from vlrep import variants
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  return config.cappa(variant)
+  return variants.cappa(variant)

@@ -2,13 +2,13 @@
 
 `--config=configs/clip.py:VARIANT` takes the CoCa variant's towers (`configs/coca.py`,
 `RECIPE@SIZE` included); the contrastive pooler reads the image tokens directly since there
-is no captioning pooler (`vlrep.config.clip`).
+is no captioning pooler (`vlrep.variants.clip`).
 """
 
 import ml_collections
 
-from vlrep import config
+from vlrep import variants
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  return config.clip(variant)
+  return variants.clip(variant)

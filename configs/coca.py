@@ -11,14 +11,14 @@ steps), weight decay, loss weights and dtypes. It checks on a CPU that a paper r
 learns, before it costs accelerator time.
 
 The fields, their defaults and what they mean are in `vlrep/config.py` (`defaults()`); the
-variants' table of sizes and recipes is there too (`SIZES`, `RECIPES`), so that the installed
-package builds the same configs.
+variants' table of sizes and recipes is in `vlrep/variants.py` (`SIZES`, `RECIPES`), so that
+the installed package builds the same configs.
 """
 
 import ml_collections
 
-from vlrep import config
+from vlrep import variants
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  return config.coca(variant)
+  return variants.coca(variant)

@@ -7,8 +7,8 @@ run or export of the same variant) and locked, the text side trained from scratc
 
 import ml_collections
 
-from vlrep import config
+from vlrep import variants
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  return config.lit(variant)
+  return variants.lit(variant)

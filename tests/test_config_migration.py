@@ -16,6 +16,7 @@ import ml_collections
 import pytest
 
 from vlrep import config as vlrep_config
+from vlrep import variants
 from vlrep import step
 from vlrep.evals import entries
 from vlrep.models.coca import build_model
@@ -78,7 +79,7 @@ def test_tower_ln_eps_absent_follows_the_saved_model_ln_eps():
   assert config.model.vision.ln_eps == config.model.text.ln_eps == 1e-5
 
 
-@pytest.mark.parametrize('make', [vlrep_config.coca, vlrep_config.clip, vlrep_config.siglip])
+@pytest.mark.parametrize('make', [variants.coca, variants.clip, variants.siglip])
 @pytest.mark.parametrize('variant', ['tiny', 'base', 'base@tiny'])
 def test_current_config_round_trips(make, variant):
   config = make(variant)

@@ -12,7 +12,7 @@ import pytest
 import vlrep
 from conftest import load_config, shrink
 from vlrep import optim, train
-from vlrep.config import LIT_IMAGE_SIDE
+from vlrep.variants import LIT_IMAGE_SIDE
 from vlrep.evals import entries
 from vlrep.models.coca import build_model
 from vlrep.step import init_params
