@@ -110,3 +110,6 @@ def test_refusals_name_the_fields(tmp_path):
   config.data.tokenizer = 'bytes'
   with pytest.raises(NotImplementedError, match="data.tokenizer='bytes'"):
     to_open_clip.export_open_clip(config, loaded.params, str(tmp_path / 'y'))
+  captioner = shrink(load_config('cap'))
+  with pytest.raises(NotImplementedError, match=r'model\.contrastive=False'):
+    to_open_clip.export_open_clip(captioner, {}, str(tmp_path / 'z'))

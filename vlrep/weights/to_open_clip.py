@@ -115,6 +115,9 @@ def layout_differences(config: ml_collections.ConfigDict, cfg: dict) -> list[str
   """'field=ours (open_clip: theirs)' for each layout field open_clip reads back otherwise,
   and what open_clip refuses outright."""
   m, out = config.model, []
+  if not m.contrastive:
+    out.append('model.contrastive=False (every open_clip model has the contrastive '
+               'projections and temperature that a captioning-only model lacks)')
   if m.pooler in ('parallel', 'cascade') and not m.text.multimodal_layers:
     out.append(f"model.pooler={m.pooler!r} without a text decoder (open_clip's "
                f"attentional_pool={m.pooler!r} tower also holds a captioning pooler, which "
