@@ -1,12 +1,12 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text`, `caption`, `zero_shot_classifier` and `retrieve`; evaluators use the same
-methods, so what is measured is what users get. Inputs of any batch size are processed in
-fixed-size chunks (the last one padded), so each method compiles once per chunk shape. Each
-chunk is split over the batch axes of a device mesh (the training mesh during training, all
-devices otherwise), so it runs data-parallel on every device of every process; every process
-passes the same inputs and gets the full outputs back. Streamed evaluation images
+`encode_text`, `caption`, `zero_shot_classifier`, `retrieve` and `score_texts`; evaluators
+use the same methods, so what is measured is what users get. Inputs of any batch size are
+processed in fixed-size chunks (the last one padded), so each method compiles once per chunk
+shape. Each chunk is split over the batch axes of a device mesh (the training mesh during
+training, all devices otherwise), so it runs data-parallel on every device of every process;
+every process passes the same inputs and gets the full outputs back. Streamed evaluation images
 (`pipeline.EvalImages`) are decoded chunk by chunk, each process only its devices' rows.
 """
 
@@ -16,8 +16,10 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from vlrep.data.tokenizer import get_tokenizer
@@ -57,6 +59,31 @@ def _next_token_logits(model: CoCa, params: Any, images: jax.Array,
 @functools.partial(jax.jit, static_argnums=0)
 def _caption_tokens(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unimodal_features(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
+  # The text decoder's own `encode`: captioning-only models have no `CoCa.encode_text`.
+  return model.apply({'params': params}, tokens,
+                     method=lambda module, t: module.text_decoder.encode(t)[1])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_group(model: CoCa, params: Any, caption_tokens: jax.Array,
+                 token_features: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Summed log p(tokens[g, 1:] | image b) over non-pad targets, float32 [B, G], for every
+  image x prompt pair: the multimodal layers run on all B x G pairs at once."""
+  images, prompts = caption_tokens.shape[0], tokens.shape[0]
+
+  def score(module):
+    context = jnp.repeat(caption_tokens, prompts, axis=0)  # image-major: row b * G + g
+    features = jnp.tile(token_features[:, :-1], (images, 1, 1))
+    targets = jnp.tile(tokens[:, 1:], (images, 1))
+    logits = module.text_decoder.caption_logits(features, context).astype(jnp.float32)
+    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    keep = targets != module.text_decoder.pad_id
+    return jnp.sum(jnp.where(keep, logp, 0.0), axis=-1).reshape(images, prompts)
+  return model.apply({'params': params}, method=score)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -252,6 +279,50 @@ class Pretrained:
     chunk = min(self.batch_size, max(devices, rows // devices * devices))
     return _in_chunks(functools.partial(_next_token_logits, self.model, self.params),
                       (images, tokens.astype(np.int32)), chunk, self._batch_sharding)
+
+  def score_texts(self, images: np.ndarray | pipeline.EvalImages, texts: Sequence[str],
+                  text_batch: int | None = None) -> np.ndarray:
+    """float32 [N_images, N_texts]: log p(text | image) under the captioner, summed over the
+    text's tokens after BOS (EOS included, padding not); CapPa's scoring classifier ranks
+    classes by it. `images` as `encode_image` takes them. A sum, not a per-token mean: the
+    prompts of one template share every word but the class name, so the sum ranks classes by
+    the likelihood of their names in context, where a mean would divide that by a length that
+    is mostly the template's. Being a probability, it favours names of fewer tokens.
+
+    The unimodal features of every text are computed once (T x L x W values on each device);
+    each image chunk then runs the multimodal layers on its images x `text_batch` texts at a
+    time, so a device holds [chunk / devices x text_batch, L - 1, V] float32 logits at most.
+    `text_batch` None: as many as keep that within 2^28 floats (1 GiB). The numbers do not
+    depend on `text_batch`, the chunk size or the mesh beyond float rounding (tested).
+    """
+    if not self.config.model.text.multimodal_layers:
+      raise ValueError('this model has no multimodal layers, so it cannot score texts')
+    texts = list(texts)
+    if not texts:
+      raise ValueError('score_texts needs at least one text')
+    tokens = self.tokenize(texts)
+    if text_batch is None:
+      rows = self.batch_size // sharding.batch_devices(self.mesh)
+      logits = rows * (tokens.shape[1] - 1) * self.config.model.text.vocab_size
+      text_batch = max(1, 2 ** 28 // logits)
+    text_batch = min(text_batch, len(texts))
+    # Whole groups only (one compiled shape); the padding rows' scores are dropped.
+    padded = -(-len(texts) // text_batch) * text_batch
+    tokens = np.concatenate([tokens, np.full((padded - len(texts), tokens.shape[1]),
+                                             self.config.model.text.pad_id, tokens.dtype)])
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    groups = []
+    for start in range(0, padded, text_batch):
+      group = jax.make_array_from_process_local_data(
+          replicated, tokens[start:start + text_batch].astype(np.int32))
+      groups.append((_unimodal_features(self.model, self.params, group), group))
+
+    def run(chunk):
+      context = _caption_tokens(self.model, self.params, chunk)
+      return jnp.concatenate([_score_group(self.model, self.params, context, features, group)
+                              for features, group in groups], axis=1)
+    return _in_chunks(run, _images(images), self.batch_size, self._batch_sharding,
+                      self.preprocess_images)[:, :len(texts)]
 
   def save(self, path: str) -> str:
     """Writes the model to the directory `path` (config.json + params.safetensors, see

@@ -9,6 +9,11 @@ from `data` (a source string as in `config.data.*`; '' = `config.data.eval`): ex
   ClassLabel feature such as `label`), `class_names` ('' = the data set's label names, or a
   text file with one name per line, in label order), `templates` (prompts with one `{}`),
   `ks` (top-k accuracies; a k not below the class count is always 1 and is skipped).
+- `zeroshot_scoring`: the fields of `zeroshot` plus `text_batch` (prompts scored per pass, 0 =
+  as many as keep the logits near 1 GiB a device, see `Pretrained.score_texts`): each class's
+  prompts scored by the captioner's log-likelihood given the image (CapPa's scoring
+  classifier), a class by the mean over its templates. Skipped, with a logged reason, for a
+  model without multimodal layers, as `captioning` is.
 - `retrieval`: `ks`; `identical_text_is_hit` (a caption with exactly the text of a correct
   one counts too: fair for data, like the synthetic set, that repeats captions; off for COCO).
 - `captioning`: `methods` ('greedy', 'beam'), `beam_size`, `length_penalty`, `max_len`
@@ -33,6 +38,8 @@ _COMMON = {'type': '', 'data': '', 'start': 0, 'num_examples': 0}
 FIELDS: dict[str, dict[str, Any]] = {
     'zeroshot': {'label_key': 'label', 'class_names': '', 'templates': DEFAULT_TEMPLATES,
                  'ks': (1, 5)},
+    'zeroshot_scoring': {'label_key': 'label', 'class_names': '',
+                         'templates': DEFAULT_TEMPLATES, 'ks': (1, 5), 'text_batch': 0},
     'retrieval': {'ks': (1, 5, 10), 'identical_text_is_hit': False},
     'captioning': {'methods': ('greedy', 'beam'), 'beam_size': 4, 'length_penalty': 0.6,
                    'max_len': 0},
@@ -67,8 +74,10 @@ def check(name: str, config: Any) -> None:
   for k in config.get('ks', ()):
     if k < 1:
       raise ValueError(f'evals.{name}.ks: every k must be >= 1, got {tuple(config.ks)}')
-  if config.type == 'zeroshot' and not config.templates:
+  if config.type in ('zeroshot', 'zeroshot_scoring') and not config.templates:
     raise ValueError(f'evals.{name}.templates is empty')
+  if config.get('text_batch', 0) < 0:
+    raise ValueError(f'evals.{name}.text_batch must be >= 0 (0: derived)')
   for template in config.get('templates', ()):
     if template.count('{}') != 1:
       raise ValueError(f'evals.{name}.templates: {template!r} must contain one {{}}')

@@ -2,7 +2,8 @@
 
 `Evaluator(config)` validates the entries (`vlrep/evals/entries.py`) and loads their examples
 once; `evaluator(model)` runs them on a `Pretrained` model and returns flat
-`{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot), `<name>/i2t_r@K`,
+`{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot, by embeddings or by
+caption likelihood), `<name>/i2t_r@K`,
 `<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match}_{greedy,beam}` (captioning),
 `<name>/accuracy` and the chosen `<name>/l2` (linear probe).
 
@@ -105,8 +106,8 @@ class _Examples:
     self._embedded.clear()
 
 
-def _zeroshot(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
-  examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+def _classes(name: str, entry: Any, examples: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+  """(class names, labels) of a zero-shot entry, checked against each other."""
   if entry.class_names:
     class_names = zeroshot.read_class_names(entry.class_names)
   elif 'class_names' in examples:
@@ -119,13 +120,40 @@ def _zeroshot(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict
   if (labels.ndim == 2 and num_classes != len(class_names)) or num_classes > len(class_names):
     raise ValueError(f'evals.{name}: labels have {num_classes} classes but there are '
                      f'{len(class_names)} class names')
+  return list(class_names), labels
+
+
+def _topk(name: str, entry: Any, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  # A k not below the class count always scores 1: not reported.
+  return {f'{name}/top{k}': zeroshot.topk_hits(scores, labels, k)
+          for k in entry.ks if k < scores.shape[1]}
+
+
+def _zeroshot(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
+  examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  class_names, labels = _classes(name, entry, examples)
   classifier = model.zero_shot_classifier(class_names, tuple(entry.templates))
   image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples,
                                     entry.label_key)
-  scores = image_emb @ classifier.T
-  # A k not below the class count always scores 1: not reported.
-  return {f'{name}/top{k}': zeroshot.topk_hits(scores, labels, k)
-          for k in entry.ks if k < len(class_names)}
+  return _topk(name, entry, image_emb @ classifier.T, labels)
+
+
+def _zeroshot_scoring(name: str, entry: Any, data: _Examples,
+                      model: Pretrained) -> dict[str, float]:
+  if not model.config.model.text.multimodal_layers:
+    logging.info('evals.%s skipped: the model has no multimodal layers to score prompts with',
+                 name)
+    return {}
+  examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  class_names, labels = _classes(name, entry, examples)
+  templates = tuple(entry.templates)
+  prompts = [template.format(c) for c in class_names for template in templates]
+  scores = model.score_texts(examples['images'], prompts, entry.text_batch or None)
+  # Mean log-likelihood over templates, not log-mean-exp: a template's own length and
+  # likelihood shift every class's score alike, so each template weighs the same, where a
+  # log-mean-exp would be ruled by whichever template the decoder finds likeliest.
+  return _topk(name, entry, scores.reshape(len(scores), len(class_names), -1).mean(-1),
+               labels)
 
 
 def _retrieval(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
@@ -176,8 +204,8 @@ def _linear_probe(name: str, entry: Any, data: _Examples, model: Pretrained) -> 
 
 
 _RUN: dict[str, Callable[[str, Any, _Examples, Pretrained], dict[str, float]]] = {
-    'zeroshot': _zeroshot, 'retrieval': _retrieval, 'captioning': _captioning,
-    'linear_probe': _linear_probe}
+    'zeroshot': _zeroshot, 'zeroshot_scoring': _zeroshot_scoring, 'retrieval': _retrieval,
+    'captioning': _captioning, 'linear_probe': _linear_probe}
 
 
 def _check_probe_overlap(name: str, entry: Any, config: ml_collections.ConfigDict) -> None:
