@@ -158,21 +158,23 @@ while ((running > 0)); do
   # Processes seen dead in the same poll are reported signal deaths first: one killed from
   # outside takes its peers' collectives down with it within milliseconds, and its status,
   # not theirs, is the cause to report.
-  for pass in signal other; do
-    for i in ${exited[@]+"${exited[@]}"}; do
-      rc=${rcs[i]}
-      if ((rc == 0)) || { [[ $pass == signal ]] && ((rc <= 128)); } ||
-        { [[ $pass == other ]] && ((rc > 128)); }; then
-        continue
-      fi
-      echo "[local.sh] process $i exited with status $rc" >&2
-      if ((status == 0)); then
-        status=$rc
-      fi
-      if [[ -z $deadline ]]; then
-        deadline=$((SECONDS + grace))
-      fi
-    done
+  signalled=()
+  failed=()
+  for i in ${exited[@]+"${exited[@]}"}; do
+    if ((rcs[i] > 128)); then
+      signalled+=("$i")
+    elif ((rcs[i] != 0)); then
+      failed+=("$i")
+    fi
+  done
+  for i in ${signalled[@]+"${signalled[@]}"} ${failed[@]+"${failed[@]}"}; do
+    echo "[local.sh] process $i exited with status ${rcs[i]}" >&2
+    if ((status == 0)); then
+      status=${rcs[i]}
+    fi
+    if [[ -z $deadline ]]; then
+      deadline=$((SECONDS + grace))
+    fi
   done
   if [[ -n $deadline ]] && ((running > 0 && SECONDS >= deadline)); then
     echo "[local.sh] killing the $running processes still running after ${grace}s" >&2
