@@ -34,7 +34,6 @@ from vlrep.losses import (CONTRASTIVE_IMPLS, CONTRASTIVE_TYPES, _global_rows, _l
 # What a padded text token scores against every patch: below any cosine similarity, so it
 # never wins a max, and finite, so that a text with no valid token gives finite losses.
 MASKED = -1e9
-SIMILARITIES = ('global', 'token')
 
 
 def _similarities(img: jax.Array, txt: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

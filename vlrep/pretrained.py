@@ -1,7 +1,8 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text`, `caption`, `zero_shot_classifier`, `retrieve` and `score_texts`; evaluators
+`encode_text`, `caption`, `zero_shot_classifier`, `zero_shot_scores`, `retrieve`, `score_texts`
+and, for FILIP models, `token_similarity_scores`; evaluators
 use the same methods, so what is measured is what users get. Inputs of any batch size are
 processed in fixed-size chunks (the last one padded), so each method compiles once per chunk
 shape. Each chunk is split over the batch axes of a device mesh (the training mesh during
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from vlrep import late_interaction
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals import retrieval, zeroshot
 from vlrep.models import decode
@@ -48,6 +50,18 @@ def _encode_image(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
   return model.apply({'params': params}, tokens, method=CoCa.encode_text)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text_tokens(model: CoCa, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return model.apply({'params': params}, tokens, method=CoCa.encode_text_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _token_scores(model: CoCa, params: Any, images: jax.Array, text_tokens: jax.Array,
+                  text_mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  image_tokens = model.apply({'params': params}, images, method=CoCa.encode_image_tokens)
+  return late_interaction.token_similarities(image_tokens, text_tokens, text_mask, chunk)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -114,7 +128,7 @@ def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
   and only in the rows that this process's devices hold (`sharding.process_rows`): on a pod
   each host decodes its share of every chunk. `prepare` maps every input's rows as read.
   Each chunk becomes a global array split over the batch axes; every process gets the whole
-  output back.
+  output back (a tuple of outputs when `fn` returns a tuple).
   """
   inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   prepare = prepare or (lambda x: x)
@@ -133,8 +147,10 @@ def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
                                     else np.asarray(x)[wanted])
       arrays.append(jax.make_array_from_process_local_data(batch_sharding, local,
                                                            (chunk, *shape)))
-    outputs.append(_to_host(fn(*arrays))[:rows])
-  return np.concatenate(outputs)
+    out = fn(*arrays)
+    outputs.append(tuple(_to_host(x)[:rows] for x in (out if isinstance(out, tuple) else (out,))))
+  joined = tuple(np.concatenate(parts) for parts in zip(*outputs))
+  return joined if isinstance(out, tuple) else joined[0]
 
 
 class Pretrained:
@@ -150,6 +166,8 @@ class Pretrained:
     devices = sharding.batch_devices(self.mesh)
     self.batch_size = -(-batch_size // devices) * devices
     self.model = build_model(config)
+    # FILIP (`loss.contrastive_similarity='token'`): image-text scores are token-wise.
+    self.token_similarity = self.model.token_similarity
     self.decoder = build_model(config, decode=True)
     self.tokenizer = get_tokenizer(config.data.tokenizer)
 
@@ -244,6 +262,60 @@ class Pretrained:
       raise ValueError('zero_shot_classifier needs at least one class name and one template')
     return zeroshot.class_embeddings(self.encode_text, list(class_names), templates)
 
+  def zero_shot_scores(self, images: np.ndarray | pipeline.EvalImages,
+                       class_names: Sequence[str],
+                       templates: Sequence[str] | None = None) -> np.ndarray:
+    """float32 [N_images, C]: each image's score for each class, as the zero-shot evaluator
+    ranks them: `encode_image(images) @ zero_shot_classifier(...).T`, or for a FILIP model
+    the mean over a class's prompts of their token-wise image->text similarity (token sets
+    have no mean to ensemble, as vectors do)."""
+    templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
+    if not self.token_similarity:
+      return self.encode_image(images) @ self.zero_shot_classifier(class_names, templates).T
+    if not class_names or not templates:
+      raise ValueError('zero_shot_scores needs at least one class name and one template')
+    prompts = [template.format(name) for name in class_names for template in templates]
+    image_to_text, _ = self.token_similarity_scores(images, prompts)
+    return image_to_text.reshape(len(image_to_text), len(class_names), -1).mean(-1)
+
+  def token_similarity_scores(self, images: np.ndarray | pipeline.EvalImages,
+                              texts: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FILIP's (s^I, s^T), float32 [N_images, N_texts] each (`vlrep.late_interaction`):
+    image->text and text->image token-wise similarity of every image with every text.
+
+    The texts' token embeddings are computed once and kept on the host (texts x their
+    longest valid length x E floats); each image chunk's patch embeddings then meet them in
+    replicated groups of at most 2^26 floats, `loss.token_similarity_chunk` texts at a time
+    (as in training), so a device holds one [chunk / devices, patches, that many, tokens]
+    block of products. The numbers do not depend on the chunk sizes or the mesh beyond
+    float rounding (tested).
+    """
+    if not self.token_similarity:
+      raise ValueError("token_similarity_scores needs loss.contrastive_similarity='token'")
+    tokens = np.asarray(texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i'
+                        else self.tokenize(texts), np.int32)
+    text_tokens, text_mask = _in_chunks(
+        lambda x: _encode_text_tokens(self.model, self.params, x), tokens, self.batch_size,
+        self._batch_sharding)
+    keep = text_mask.any(0)  # positions that are padding in every text score nothing
+    text_tokens, text_mask = text_tokens[:, keep], text_mask[:, keep]
+    group = min(len(tokens), max(1, 2 ** 26 // text_tokens[0].size))
+    padded = -(-len(tokens) // group) * group  # whole groups only: one compiled shape
+    pad = ((0, padded - len(tokens)),)
+    text_tokens = np.pad(text_tokens, pad + ((0, 0), (0, 0)))
+    text_mask = np.pad(text_mask, pad + ((0, 0),))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    groups = [tuple(jax.make_array_from_process_local_data(replicated, x[start:start + group])
+                    for x in (text_tokens, text_mask)) for start in range(0, padded, group)]
+    chunk = self.config.loss.token_similarity_chunk
+
+    def run(images):
+      scores = [_token_scores(self.model, self.params, images, *g, chunk) for g in groups]
+      return tuple(jnp.concatenate(s, axis=1) for s in zip(*scores))
+    image_to_text, text_to_image = _in_chunks(run, _images(images), self.batch_size,
+                                              self._batch_sharding, self.preprocess_images)
+    return image_to_text[:, :len(tokens)], text_to_image[:, :len(tokens)]
+
   def retrieve(self, queries: np.ndarray | Sequence[str], candidates: np.ndarray | Sequence[str],
                k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """(indices int [Q, k], scores float32 [Q, k]): each query's k nearest candidates.
@@ -251,12 +323,22 @@ class Pretrained:
     Queries and candidates are each images (a [B, H, W, 3] array, as `encode_image` takes)
     or texts (a list of str), so this is text->image, image->text, image->image or
     text->text search (token rows int [B, L] work as texts); ranking (cosine similarity,
-    ties in candidate order) is the retrieval evaluator's.
+    ties in candidate order) is the retrieval evaluator's. A FILIP model ranks image->text
+    and text->image by its token-wise similarity (`token_similarity_scores`) and refuses
+    same-modality search.
     """
+
+    is_images = lambda x: isinstance(x, np.ndarray) and x.ndim == 4
+    if self.token_similarity:  # FILIP: its image->text or text->image similarity
+      if is_images(queries) == is_images(candidates):
+        raise ValueError('a FILIP model (token similarity) compares images with texts only')
+      scores = self.token_similarity_scores(queries, candidates)[0] if is_images(queries) \
+          else self.token_similarity_scores(candidates, queries)[1].T
+      return retrieval.rank_scores(scores, min(k, len(candidates)))
 
     def embed(x):
       if isinstance(x, np.ndarray):  # images, or token rows
-        return self.encode_image(x) if x.ndim == 4 else self.encode_text(x)
+        return self.encode_image(x) if is_images(x) else self.encode_text(x)
       return self.encode_text(list(x))
     return retrieval.rank(embed(queries), embed(candidates), min(k, len(candidates)))
 
