@@ -23,9 +23,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vlrep import late_interaction
 from vlrep.data.tokenizer import get_tokenizer
-from vlrep.evals import retrieval, zeroshot
+from vlrep.evals import retrieval, token_scores, zeroshot
 from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
 from vlrep.parallel import sharding
@@ -50,18 +49,6 @@ def _encode_image(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
   return model.apply({'params': params}, tokens, method=CoCa.encode_text)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_text_tokens(model: CoCa, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return model.apply({'params': params}, tokens, method=CoCa.encode_text_tokens)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _token_scores(model: CoCa, params: Any, images: jax.Array, text_tokens: jax.Array,
-                  text_mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-  image_tokens = model.apply({'params': params}, images, method=CoCa.encode_image_tokens)
-  return late_interaction.token_similarities(image_tokens, text_tokens, text_mask, chunk)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -283,38 +270,13 @@ class Pretrained:
     """FILIP's (s^I, s^T), float32 [N_images, N_texts] each (`vlrep.late_interaction`):
     image->text and text->image token-wise similarity of every image with every text.
 
-    The texts' token embeddings are computed once and kept on the host (texts x their
-    longest valid length x E floats); each image chunk's patch embeddings then meet them in
-    replicated groups of at most 2^26 floats, `loss.token_similarity_chunk` texts at a time
-    (as in training), so a device holds one [chunk / devices, patches, that many, tokens]
-    block of products. The numbers do not depend on the chunk sizes or the mesh beyond
-    float rounding (tested).
+    `texts` are strings or int token rows; memory as `vlrep.evals.token_scores` says.
     """
     if not self.token_similarity:
       raise ValueError("token_similarity_scores needs loss.contrastive_similarity='token'")
-    tokens = np.asarray(texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i'
-                        else self.tokenize(texts), np.int32)
-    text_tokens, text_mask = _in_chunks(
-        lambda x: _encode_text_tokens(self.model, self.params, x), tokens, self.batch_size,
-        self._batch_sharding)
-    keep = text_mask.any(0)  # positions that are padding in every text score nothing
-    text_tokens, text_mask = text_tokens[:, keep], text_mask[:, keep]
-    group = min(len(tokens), max(1, 2 ** 26 // text_tokens[0].size))
-    padded = -(-len(tokens) // group) * group  # whole groups only: one compiled shape
-    pad = ((0, padded - len(tokens)),)
-    text_tokens = np.pad(text_tokens, pad + ((0, 0), (0, 0)))
-    text_mask = np.pad(text_mask, pad + ((0, 0),))
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    groups = [tuple(jax.make_array_from_process_local_data(replicated, x[start:start + group])
-                    for x in (text_tokens, text_mask)) for start in range(0, padded, group)]
-    chunk = self.config.loss.token_similarity_chunk
-
-    def run(images):
-      scores = [_token_scores(self.model, self.params, images, *g, chunk) for g in groups]
-      return tuple(jnp.concatenate(s, axis=1) for s in zip(*scores))
-    image_to_text, text_to_image = _in_chunks(run, _images(images), self.batch_size,
-                                              self._batch_sharding, self.preprocess_images)
-    return image_to_text[:, :len(tokens)], text_to_image[:, :len(tokens)]
+    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
+        self.tokenize(texts)
+    return token_scores.similarity_scores(self, images, np.asarray(tokens, np.int32))
 
   def retrieve(self, queries: np.ndarray | Sequence[str], candidates: np.ndarray | Sequence[str],
                k: int = 5) -> tuple[np.ndarray, np.ndarray]:
