@@ -151,7 +151,8 @@ def defaults() -> ml_collections.ConfigDict:
       # (FILIP's late interaction over patch and text-token embeddings, needs
       # model.pooler='none'; vlrep/late_interaction.py). token_similarity_chunk: texts per
       # slice of its token products, each slice a [local images, patches, chunk, tokens]
-      # float32 block, so memory does not grow with the batch; 0 = a whole block at once.
+      # float32 block, so memory follows the device's own images, not the texts it meets
+      # (benchmarks/token_similarity_memory.py); 0 = a whole block at once.
       'contrastive_similarity': 'global', 'token_similarity_chunk': 16,
       # Positions per slice of the caption loss: the output head, log-softmax and target
       # gather run a slice at a time, each slice taking its gradients at once (fused), so
