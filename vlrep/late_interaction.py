@@ -14,8 +14,9 @@ SigLIP loss over each. `token_contrastive_loss` is the plain global reference an
 round the devices by `ppermute` with online log-sum-exps, as `vlrep.losses` does for
 vectors. The [images, patches, texts, text tokens] products are taken `chunk` texts at a
 time and rematerialised, so a device holds one [local images, N, chunk, T] float32 block
-whatever the batch; gather also holds the global batch's text tokens ([B, T, E]), ring two
-local blocks of them.
+(a few times over in the backward pass) whatever the number of texts; gather also holds the
+global batch's text tokens ([B, T, E]), ring two local blocks of them
+(benchmarks/token_similarity_memory.py).
 """
 
 from __future__ import annotations

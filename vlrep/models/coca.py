@@ -319,8 +319,8 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   if similarity not in CONTRASTIVE_INPUTS:
     raise ValueError(f'loss.contrastive_similarity={similarity!r}; expected one of '
                      f'{tuple(CONTRASTIVE_INPUTS)}')
-  token_similarity = contrastive and similarity == 'token'
-  if similarity == 'token' and (not contrastive or model.pooler != 'none'):
+  token_similarity = similarity == 'token'
+  if token_similarity and (not contrastive or model.pooler != 'none'):
     raise ValueError("loss.contrastive_similarity='token' (FILIP) compares the encoder's "
                      "patch tokens with the text's: it needs model.pooler='none' (no pooler "
                      'left unused) and a contrastive model')
