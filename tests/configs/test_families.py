@@ -13,7 +13,7 @@ import pytest
 
 import vlrep
 from conftest import load_config, shrink
-from vlrep import optim, train
+from vlrep import optim, step, train
 from vlrep.data import pipeline, synthetic
 from vlrep.variants import LIT_IMAGE_SIDE
 from vlrep.evals import entries, retrieval, zeroshot
@@ -136,10 +136,10 @@ def _token_scores_by_hand(model, images, tokens):
 
 
 def test_filip_trains_token_wise_and_its_evaluators_rank_by_token_similarity(tmp_path):
-  """configs/filip.py: a few steps with a finite loss; the run's
-  zero-shot and retrieval numbers are those of FILIP's token-wise similarities computed by
-  hand from the trained model's patch and token embeddings (which rank otherwise than its
-  vectors' cosine similarity), on 1 device and on 8 alike."""
+  """configs/filip.py: a few steps with a finite loss, the step's loss being FILIP's token-wise
+  one by hand; the run's zero-shot and retrieval numbers are those of FILIP's token-wise
+  similarities computed by hand from the trained model's patch and token embeddings (which
+  rank otherwise than its vectors' cosine similarity), on 1 device and on 8 alike."""
   config = shrink(load_config('filip'))
   config.update(total_steps=2, eval_every_steps=2)
   config.optim.warmup_steps = 0
@@ -155,6 +155,18 @@ def test_filip_trains_token_wise_and_its_evaluators_rank_by_token_similarity(tmp
   clip = set(export.named_arrays(jax.eval_shape(lambda: _init(shrink(load_config('clip')), 0))))
   assert set(export.named_arrays(model.params)) == {
       n for n in clip if not n.startswith('contrastive_pooler/')}  # CLIP's, less the pooler
+
+  # The loss the step trains on is FILIP's of the model's token embeddings, by hand.
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  loss_config = step.LossConfig.from_config(config.loss)
+  _, metrics = jax.jit(step.compute_losses, static_argnums=(0, 3))(
+      model.model, model.params, batch, loss_config)
+  s_i2t, s_t2i = (scale * s for s, scale in zip(
+      _token_scores_by_hand(model, batch['images'], batch['tokens']),
+      [np.exp(float(model.params['logit_scale']))] * 2))
+  xent = lambda logits: np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))
+  assert float(metrics['contrastive_loss']) == pytest.approx(
+      (xent(s_i2t) + xent(s_t2i.T)) / 2, rel=1e-5)
 
   examples = pipeline.eval_examples(config, label_key='labels/colour')
   images = examples['images']
