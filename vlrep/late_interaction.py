@@ -22,15 +22,14 @@ global batch's text tokens ([B, T, E]), ring two local blocks of them
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from vlrep.losses import (CONTRASTIVE_IMPLS, CONTRASTIVE_TYPES, _global_rows, _lse_fold,
-                          _ring_perm)
+from vlrep import losses
+from vlrep.losses import _global_rows, _lse_fold, _ring_perm
 
 # What a padded text token scores against every patch: below any cosine similarity, so it
 # never wins a max, and finite, so that a text with no valid token gives finite losses.
@@ -102,23 +101,13 @@ def contrastive_loss(image_tokens: jax.Array, text_tokens: jax.Array, text_mask:
   `impl`'s way (`vlrep.losses.contrastive_loss`'s options); `chunk`: texts per slice of the
   token products (0 = a whole block at once). Same value whatever impl, mesh and chunk, up
   to float rounding."""
-  if loss_type not in CONTRASTIVE_TYPES:
-    raise ValueError(f'loss.contrastive_type={loss_type!r}: expected one of {CONTRASTIVE_TYPES}')
-  if impl not in CONTRASTIVE_IMPLS:
-    raise ValueError(f'loss.contrastive_impl={impl!r}: expected one of {CONTRASTIVE_IMPLS}')
-  sigmoid = loss_type == 'sigmoid'
-  if sigmoid and logit_bias is None:
-    raise ValueError('loss.contrastive_type=sigmoid needs a logit_bias')
-  scalars = (logit_scale, logit_bias) if sigmoid else (logit_scale,)
+  scalars = losses.check_options(loss_type, impl, logit_scale, logit_bias)
   if mesh is None or not batch_axes:
-    return token_contrastive_loss(image_tokens, text_tokens, text_mask, logit_scale,
-                                  logit_bias, loss_type)
+    return token_contrastive_loss(image_tokens, text_tokens, text_mask, *scalars,
+                                  loss_type=loss_type)
   batch_axes = tuple(batch_axes)
-  num_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
   global_batch = image_tokens.shape[0]
-  if global_batch % num_shards:
-    raise ValueError(f'contrastive batch {global_batch} does not divide over the '
-                     f'{num_shards} devices of the batch axes {batch_axes}')
+  num_shards = losses.batch_shards(mesh, batch_axes, global_batch)
   local_loss = {('softmax', 'gather'): _softmax_gather, ('softmax', 'ring'): _softmax_ring,
                 ('sigmoid', 'gather'): _sigmoid_gather, ('sigmoid', 'ring'): _sigmoid_ring}
   tokens_spec = P(batch_axes, None, None)

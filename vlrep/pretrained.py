@@ -244,6 +244,9 @@ class Pretrained:
     `vlrep.evals.zeroshot.DEFAULT_TEMPLATES`) are embedded, averaged and re-normalised, as
     the zero-shot evaluator does: `scores = m.encode_image(images) @ classifier.T`.
     """
+    if self.token_similarity:
+      raise ValueError('a FILIP model (token similarity) has no vector classifier: '
+                       'zero_shot_scores ranks classes as its evaluator does')
     templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
     if not class_names or not templates:
       raise ValueError('zero_shot_classifier needs at least one class name and one template')
