@@ -190,6 +190,14 @@ def test_filip_trains_token_wise_and_its_evaluators_rank_by_token_similarity(tmp
   got_i2t, got_t2i = on_one.token_similarity_scores(images, texts)
   np.testing.assert_allclose(got_i2t, r_i2t, atol=1e-5)
   np.testing.assert_allclose(got_t2i, r_t2i, atol=1e-5)
+  # The Python API searches by the same scores, each direction its own.
+  assert (on_one.retrieve(images, texts, k=3)[0] == retrieval.rank_scores(got_i2t, 3)[0]).all()
+  assert (on_one.retrieve(texts[:4], images, k=3)[0] ==
+          retrieval.rank_scores(got_t2i.T[:4], 3)[0]).all()
+  with pytest.raises(ValueError, match='compares images with texts only'):
+    on_one.retrieve(texts, texts)
+  with pytest.raises(ValueError, match='zero_shot_scores'):
+    on_one.zero_shot_classifier(names)
   # The similarity the run trained is not its vectors' cosine: the rankings differ.
   cosine = model.encode_image(images) @ model.encode_text(texts).T
   assert (np.argsort(-cosine, 1)[:, :5] != np.argsort(-r_i2t, 1)[:, :5]).any()
