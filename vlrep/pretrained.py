@@ -158,9 +158,11 @@ class Pretrained:
     self.decoder = build_model(config, decode=True)
     self.tokenizer = get_tokenizer(config.data.tokenizer)
 
-  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-    """int32 [len(texts), data.max_text_len]."""
-    return self.tokenizer.encode(list(texts), self.config.data.max_text_len)
+  def tokenize(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
+    """int32 [len(texts), data.max_text_len]; int token rows are taken as they are."""
+    if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i':
+      return texts.astype(np.int32)
+    return np.asarray(self.tokenizer.encode(list(texts), self.config.data.max_text_len), np.int32)
 
   def preprocess_images(self, images: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, 3] of any size -> uint8 at the model's size; float input unchanged."""
@@ -188,10 +190,8 @@ class Pretrained:
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
-    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
-        self.tokenize(texts)
-    return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
-                      np.asarray(tokens, np.int32), self.batch_size, self._batch_sharding)
+    return _in_chunks(lambda x: _encode_text(self.model, self.params, x), self.tokenize(texts),
+                      self.batch_size, self._batch_sharding)
 
   def caption_ids(self, images: np.ndarray | pipeline.EvalImages, max_len: int | None = None, *,
                   method: str = 'greedy', **options: Any) -> np.ndarray:
@@ -277,9 +277,7 @@ class Pretrained:
     """
     if not self.token_similarity:
       raise ValueError("token_similarity_scores needs loss.contrastive_similarity='token'")
-    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
-        self.tokenize(texts)
-    return token_scores.similarity_scores(self, images, np.asarray(tokens, np.int32))
+    return token_scores.similarity_scores(self, images, self.tokenize(texts))
 
   def retrieve(self, queries: np.ndarray | Sequence[str], candidates: np.ndarray | Sequence[str],
                k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +290,6 @@ class Pretrained:
     and text->image by its token-wise similarity (`token_similarity_scores`) and refuses
     same-modality search.
     """
-
     is_images = lambda x: isinstance(x, np.ndarray) and x.ndim == 4
     if self.token_similarity:  # FILIP: its image->text or text->image similarity
       if is_images(queries) == is_images(candidates):
