@@ -49,15 +49,20 @@ def test_steps_on_a_fixed_batch_lower_the_loss(config):
   assert int(after.step) == 9
 
 
-@pytest.mark.parametrize('contrastive_type, impl, mesh', [
-    ('softmax', 'gather', {'data': 2, 'fsdp': 2, 'tensor': 2}),
-    ('sigmoid', 'ring', {'data': 4, 'fsdp': 2, 'tensor': 1}),
+@pytest.mark.parametrize('contrastive_type, impl, mesh, similarity', [
+    ('softmax', 'gather', {'data': 2, 'fsdp': 2, 'tensor': 2}, 'global'),
+    ('sigmoid', 'ring', {'data': 4, 'fsdp': 2, 'tensor': 1}, 'global'),
+    ('softmax', 'gather', {'data': 8, 'fsdp': 1, 'tensor': 1}, 'token'),
 ])
-def test_microbatches_keep_every_negative(config, contrastive_type, impl, mesh):
-  """K=4 passes of 8 give the loss and the update of one pass over 32 (GradCache)."""
+def test_microbatches_keep_every_negative(config, contrastive_type, impl, mesh, similarity):
+  """K=4 passes of 8 give the loss and the update of one pass over 32 (GradCache), FILIP's
+  token embeddings (and text masks) cached as the vectors are."""
   config.batch_size = 32
   config.mesh.update(mesh)
-  config.loss.update(contrastive_type=contrastive_type, contrastive_impl=impl)
+  config.loss.update(contrastive_type=contrastive_type, contrastive_impl=impl,
+                     contrastive_similarity=similarity, token_similarity_chunk=0)
+  if similarity == 'token':
+    config.model.update(pooler='none', image_pool='avg')
   batch = next(iter(pipeline.train_dataset(config, 0, 1)))
   # Plain SGD, so that the update is the gradient itself (Adam's first step is ~sign(grad));
   # with a schedule, whose count the step reads for the rate it logs.

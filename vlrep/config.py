@@ -147,6 +147,13 @@ def defaults() -> ml_collections.ConfigDict:
       # gather: all-gather the embeddings (local x global logits per device);
       # ring: pass them round the devices (local x local), for very large batches.
       'contrastive_impl': 'gather',
+      # How an image and a text are compared: 'global' (one vector each, CLIP) or 'token'
+      # (FILIP's late interaction over patch and text-token embeddings, needs
+      # model.pooler='none'; vlrep/late_interaction.py). token_similarity_chunk: texts per
+      # slice of its token products, each slice a [local images, patches, chunk, tokens]
+      # float32 block, so memory follows the device's own images, not the texts it meets
+      # (benchmarks/token_similarity_memory.py); 0 = a whole block at once.
+      'contrastive_similarity': 'global', 'token_similarity_chunk': 16,
       # Positions per slice of the caption loss: the output head, log-softmax and target
       # gather run a slice at a time, each slice taking its gradients at once (fused), so
       # the float32 [batch, length, vocab] logits never exist; 0 = all positions in one go.

@@ -63,6 +63,28 @@ def sigmoid_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array,
   return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
 
 
+def check_options(loss_type: str, impl: str, logit_scale: jax.Array,
+                  logit_bias: jax.Array | None) -> tuple[jax.Array, ...]:
+  """The loss's scalars, (scale,) or (scale, bias) for sigmoid; a bad option raises naming
+  its config field."""
+  if loss_type not in CONTRASTIVE_TYPES:
+    raise ValueError(f'loss.contrastive_type={loss_type!r}: expected one of {CONTRASTIVE_TYPES}')
+  if impl not in CONTRASTIVE_IMPLS:
+    raise ValueError(f'loss.contrastive_impl={impl!r}: expected one of {CONTRASTIVE_IMPLS}')
+  if loss_type == 'sigmoid' and logit_bias is None:
+    raise ValueError('loss.contrastive_type=sigmoid needs a logit_bias')
+  return (logit_scale, logit_bias) if loss_type == 'sigmoid' else (logit_scale,)
+
+
+def batch_shards(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...], global_batch: int) -> int:
+  """The devices of `batch_axes`, which must divide `global_batch`."""
+  num_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
+  if global_batch % num_shards:
+    raise ValueError(f'contrastive batch {global_batch} does not divide over the '
+                     f'{num_shards} devices of the batch axes {batch_axes}')
+  return num_shards
+
+
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
                      logit_bias: jax.Array | None = None, *, loss_type: str = 'softmax',
                      impl: str = 'gather', mesh: jax.sharding.Mesh | None = None,
@@ -74,24 +96,15 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
   axes), where the global reference is computed. Mesh axes outside `batch_axes` hold
   replicas. The value does not depend on impl or mesh, up to float rounding.
   """
-  if loss_type not in CONTRASTIVE_TYPES:
-    raise ValueError(f'loss.contrastive_type={loss_type!r}: expected one of {CONTRASTIVE_TYPES}')
-  if impl not in CONTRASTIVE_IMPLS:
-    raise ValueError(f'loss.contrastive_impl={impl!r}: expected one of {CONTRASTIVE_IMPLS}')
+  scalars = check_options(loss_type, impl, logit_scale, logit_bias)
   sigmoid = loss_type == 'sigmoid'
-  if sigmoid and logit_bias is None:
-    raise ValueError('loss.contrastive_type=sigmoid needs a logit_bias')
-  scalars = (logit_scale, logit_bias) if sigmoid else (logit_scale,)
   if mesh is None or not batch_axes:
     reference = sigmoid_contrastive_loss if sigmoid else softmax_contrastive_loss
     return reference(image_emb, text_emb, *scalars)
 
   batch_axes = tuple(batch_axes)
-  num_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
   global_batch = image_emb.shape[0]
-  if global_batch % num_shards:
-    raise ValueError(f'contrastive batch {global_batch} does not divide over the '
-                     f'{num_shards} devices of the batch axes {batch_axes}')
+  num_shards = batch_shards(mesh, batch_axes, global_batch)
   local_loss = {('softmax', 'gather'): _softmax_gather, ('softmax', 'ring'): _softmax_ring,
                 ('sigmoid', 'gather'): _sigmoid_gather, ('sigmoid', 'ring'): _sigmoid_ring}
   emb_spec = P(batch_axes, None)

@@ -1,7 +1,8 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text`, `caption`, `zero_shot_classifier`, `retrieve` and `score_texts`; evaluators
+`encode_text`, `caption`, `zero_shot_classifier`, `zero_shot_scores`, `retrieve`, `score_texts`
+and, for FILIP models, `token_similarity_scores`; evaluators
 use the same methods, so what is measured is what users get. Inputs of any batch size are
 processed in fixed-size chunks (the last one padded), so each method compiles once per chunk
 shape. Each chunk is split over the batch axes of a device mesh (the training mesh during
@@ -23,7 +24,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from vlrep.data.tokenizer import get_tokenizer
-from vlrep.evals import retrieval, zeroshot
+from vlrep.evals import retrieval, token_scores, zeroshot
 from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
 from vlrep.parallel import sharding
@@ -114,7 +115,7 @@ def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
   and only in the rows that this process's devices hold (`sharding.process_rows`): on a pod
   each host decodes its share of every chunk. `prepare` maps every input's rows as read.
   Each chunk becomes a global array split over the batch axes; every process gets the whole
-  output back.
+  output back (a tuple of outputs when `fn` returns a tuple).
   """
   inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   prepare = prepare or (lambda x: x)
@@ -133,8 +134,10 @@ def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
                                     else np.asarray(x)[wanted])
       arrays.append(jax.make_array_from_process_local_data(batch_sharding, local,
                                                            (chunk, *shape)))
-    outputs.append(_to_host(fn(*arrays))[:rows])
-  return np.concatenate(outputs)
+    out = fn(*arrays)
+    outputs.append(tuple(_to_host(x)[:rows] for x in (out if isinstance(out, tuple) else (out,))))
+  joined = tuple(np.concatenate(parts) for parts in zip(*outputs))
+  return joined if isinstance(out, tuple) else joined[0]
 
 
 class Pretrained:
@@ -150,12 +153,16 @@ class Pretrained:
     devices = sharding.batch_devices(self.mesh)
     self.batch_size = -(-batch_size // devices) * devices
     self.model = build_model(config)
+    # FILIP (`loss.contrastive_similarity='token'`): image-text scores are token-wise.
+    self.token_similarity = self.model.token_similarity
     self.decoder = build_model(config, decode=True)
     self.tokenizer = get_tokenizer(config.data.tokenizer)
 
-  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
-    """int32 [len(texts), data.max_text_len]."""
-    return self.tokenizer.encode(list(texts), self.config.data.max_text_len)
+  def tokenize(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
+    """int32 [len(texts), data.max_text_len]; int token rows are taken as they are."""
+    if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i':
+      return texts.astype(np.int32)
+    return np.asarray(self.tokenizer.encode(list(texts), self.config.data.max_text_len), np.int32)
 
   def preprocess_images(self, images: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, 3] of any size -> uint8 at the model's size; float input unchanged."""
@@ -183,10 +190,8 @@ class Pretrained:
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
-    tokens = texts if isinstance(texts, np.ndarray) and texts.dtype.kind == 'i' else \
-        self.tokenize(texts)
-    return _in_chunks(lambda x: _encode_text(self.model, self.params, x),
-                      np.asarray(tokens, np.int32), self.batch_size, self._batch_sharding)
+    return _in_chunks(lambda x: _encode_text(self.model, self.params, x), self.tokenize(texts),
+                      self.batch_size, self._batch_sharding)
 
   def caption_ids(self, images: np.ndarray | pipeline.EvalImages, max_len: int | None = None, *,
                   method: str = 'greedy', **options: Any) -> np.ndarray:
@@ -239,10 +244,40 @@ class Pretrained:
     `vlrep.evals.zeroshot.DEFAULT_TEMPLATES`) are embedded, averaged and re-normalised, as
     the zero-shot evaluator does: `scores = m.encode_image(images) @ classifier.T`.
     """
+    if self.token_similarity:
+      raise ValueError('a FILIP model (token similarity) has no vector classifier: '
+                       'zero_shot_scores ranks classes as its evaluator does')
     templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
     if not class_names or not templates:
       raise ValueError('zero_shot_classifier needs at least one class name and one template')
     return zeroshot.class_embeddings(self.encode_text, list(class_names), templates)
+
+  def zero_shot_scores(self, images: np.ndarray | pipeline.EvalImages,
+                       class_names: Sequence[str],
+                       templates: Sequence[str] | None = None) -> np.ndarray:
+    """float32 [N_images, C]: each image's score for each class, as the zero-shot evaluator
+    ranks them: `encode_image(images) @ zero_shot_classifier(...).T`, or for a FILIP model
+    the mean over a class's prompts of their token-wise image->text similarity (token sets
+    have no mean to ensemble, as vectors do)."""
+    templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
+    if not self.token_similarity:
+      return self.encode_image(images) @ self.zero_shot_classifier(class_names, templates).T
+    if not class_names or not templates:
+      raise ValueError('zero_shot_scores needs at least one class name and one template')
+    prompts = [template.format(name) for name in class_names for template in templates]
+    image_to_text, _ = self.token_similarity_scores(images, prompts)
+    return image_to_text.reshape(len(image_to_text), len(class_names), -1).mean(-1)
+
+  def token_similarity_scores(self, images: np.ndarray | pipeline.EvalImages,
+                              texts: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FILIP's (s^I, s^T), float32 [N_images, N_texts] each (`vlrep.late_interaction`):
+    image->text and text->image token-wise similarity of every image with every text.
+
+    `texts` are strings or int token rows; memory as `vlrep.evals.token_scores` says.
+    """
+    if not self.token_similarity:
+      raise ValueError("token_similarity_scores needs loss.contrastive_similarity='token'")
+    return token_scores.similarity_scores(self, images, self.tokenize(texts))
 
   def retrieve(self, queries: np.ndarray | Sequence[str], candidates: np.ndarray | Sequence[str],
                k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -251,12 +286,21 @@ class Pretrained:
     Queries and candidates are each images (a [B, H, W, 3] array, as `encode_image` takes)
     or texts (a list of str), so this is text->image, image->text, image->image or
     text->text search (token rows int [B, L] work as texts); ranking (cosine similarity,
-    ties in candidate order) is the retrieval evaluator's.
+    ties in candidate order) is the retrieval evaluator's. A FILIP model ranks image->text
+    and text->image by its token-wise similarity (`token_similarity_scores`) and refuses
+    same-modality search.
     """
+    is_images = lambda x: isinstance(x, np.ndarray) and x.ndim == 4
+    if self.token_similarity:  # FILIP: its image->text or text->image similarity
+      if is_images(queries) == is_images(candidates):
+        raise ValueError('a FILIP model (token similarity) compares images with texts only')
+      scores = self.token_similarity_scores(queries, candidates)[0] if is_images(queries) \
+          else self.token_similarity_scores(candidates, queries)[1].T
+      return retrieval.rank_scores(scores, min(k, len(candidates)))
 
     def embed(x):
       if isinstance(x, np.ndarray):  # images, or token rows
-        return self.encode_image(x) if x.ndim == 4 else self.encode_text(x)
+        return self.encode_image(x) if is_images(x) else self.encode_text(x)
       return self.encode_text(list(x))
     return retrieval.rank(embed(queries), embed(candidates), min(k, len(candidates)))
 

@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlrep import losses, optim, param_groups
+from vlrep import late_interaction, losses, optim, param_groups
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
 from vlrep.models.text import parallel_rows
 from vlrep.parallel import sharding
@@ -47,6 +47,10 @@ class LossConfig:
   caption_weight: float = 2.0
   contrastive_type: str = 'softmax'
   contrastive_impl: str = 'gather'
+  # 'global' or FILIP's 'token' (`vlrep.late_interaction`), whose products are taken
+  # `token_similarity_chunk` texts at a time.
+  contrastive_similarity: str = 'global'
+  token_similarity_chunk: int = 0
   # Positions per slice of the chunked caption loss (`losses.chunked_caption_loss`); 0 = the
   # plain loss over the whole [B, L-1, V] logits.
   caption_chunk: int = 0
@@ -60,11 +64,17 @@ class LossConfig:
     if caption_chunk < 0:
       raise ValueError(f'loss.caption_chunk must be >= 0 (0 = unchunked), got {caption_chunk}')
     parallel_fraction = float(loss.parallel_fraction)
+    token_similarity_chunk = int(loss.token_similarity_chunk)
+    if token_similarity_chunk < 0:
+      raise ValueError('loss.token_similarity_chunk must be >= 0 (0 = unchunked), got '
+                       f'{token_similarity_chunk}')
     if not 0.0 <= parallel_fraction <= 1.0:
       raise ValueError(f'loss.parallel_fraction must be in [0, 1], got {parallel_fraction}')
     return cls(contrastive_weight=float(loss.contrastive_weight),
                caption_weight=float(loss.caption_weight),
                contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl,
+               contrastive_similarity=loss.contrastive_similarity,
+               token_similarity_chunk=token_similarity_chunk,
                caption_chunk=caption_chunk, parallel_fraction=parallel_fraction)
 
 
@@ -123,12 +133,23 @@ def ema_update(ema: Any, params: Any, decay: float, count: jax.Array) -> Any:
                       ema, params)
 
 
-def _contrastive(image_emb: jax.Array, text_emb: jax.Array, temperature: dict[str, jax.Array],
+def _contrastive(embeddings: dict[str, jax.Array], temperature: dict[str, jax.Array],
                  loss_config: LossConfig, mesh: Mesh | None) -> jax.Array:
-  return losses.contrastive_loss(
-      image_emb, text_emb, temperature['logit_scale'], temperature.get('logit_bias'),
-      loss_type=loss_config.contrastive_type, impl=loss_config.contrastive_impl, mesh=mesh,
-      batch_axes=sharding.BATCH_AXES)
+  """The contrastive loss of the model's `CONTRASTIVE_INPUTS` outputs."""
+  scalars = (temperature['logit_scale'], temperature.get('logit_bias'))
+  options = dict(loss_type=loss_config.contrastive_type, impl=loss_config.contrastive_impl,
+                 mesh=mesh, batch_axes=sharding.BATCH_AXES)
+  if loss_config.contrastive_similarity == 'token':
+    return late_interaction.contrastive_loss(
+        embeddings['image_tokens'], embeddings['text_tokens'], embeddings['text_mask'],
+        *scalars, chunk=loss_config.token_similarity_chunk, **options)
+  return losses.contrastive_loss(embeddings['image_emb'], embeddings['text_emb'], *scalars,
+                                 **options)
+
+
+def _differentiable(embeddings: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The float embeddings (not the text mask): those GradCache caches gradients of."""
+  return {k: v for k, v in embeddings.items() if jnp.issubdtype(v.dtype, jnp.floating)}
 
 
 def _metrics(contrastive: jax.Array, caption: jax.Array, temperature: dict[str, jax.Array],
@@ -179,8 +200,8 @@ def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConf
   captioning-only model's contrastive loss is 0."""
   out, caption = _forward(model, params, _with_parallel_rows(batch, loss_config), loss_config)
   temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}
-  contrastive = _contrastive(out['image_emb'], out['text_emb'], temperature, loss_config,
-                             mesh) if model.contrastive else jnp.zeros((), jnp.float32)
+  contrastive = _contrastive(out, temperature, loss_config, mesh) if model.contrastive else \
+      jnp.zeros((), jnp.float32)
   metrics = _metrics(contrastive, caption, temperature, loss_config)
   return metrics['loss'], metrics
 
@@ -202,25 +223,27 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
 
 def _contrastive_grads(state: TrainState, micro: Batch, trainable: Callable[[Any], Any]):
   """GradCache's first two passes over the microbatches [K, B/K, ...]: (contrastive loss,
-  temperature, its weighted parameter gradients, d(loss)/d(image_emb) and d(loss)/d(text_emb)
-  split as the microbatches are)."""
+  temperature, its weighted parameter gradients, d(loss)/d(embedding) for each float
+  embedding (`CONTRASTIVE_INPUTS`: vectors, or FILIP's token embeddings) split as the
+  microbatches are)."""
   model, params, config, mesh = state.model, state.params, state.loss_config, state.mesh
   # 1. Every embedding of the global batch, without gradients (no activations are kept).
-  def embed(mb: Batch) -> tuple[jax.Array, jax.Array]:
+  def embed(mb: Batch) -> dict[str, jax.Array]:
     return model.apply({'params': params}, mb['images'], mb['tokens'], method=CoCa.embed)
-  image_emb, text_emb = jax.tree.map(_merge_microbatches, jax.lax.map(embed, micro))
+  embeddings = jax.tree.map(_merge_microbatches, jax.lax.map(embed, micro))
+  floats = _differentiable(embeddings)
 
   # 2. The contrastive loss over all of them, and its gradient with respect to each
   #    embedding and to the temperature parameters.
-  def contrastive_of(image_emb, text_emb, params):
+  def contrastive_of(floats, params):
     temperature = model.apply({'params': trainable(params)}, method=CoCa.temperature)
-    return _contrastive(image_emb, text_emb, temperature, config, mesh), temperature
-  (contrastive, temperature), (image_grad, text_grad, grads) = jax.value_and_grad(
-      contrastive_of, argnums=(0, 1, 2), has_aux=True)(image_emb, text_emb, params)
+    return _contrastive({**embeddings, **floats}, temperature, config, mesh), temperature
+  (contrastive, temperature), (embedding_grads, grads) = jax.value_and_grad(
+      contrastive_of, argnums=(0, 1), has_aux=True)(floats, params)
   grads = jax.tree.map(lambda g: config.contrastive_weight * g, grads)
-  image_grad, text_grad = (_split_microbatches(g, state.microbatches, mesh)
-                           for g in (image_grad, text_grad))
-  return contrastive, temperature, grads, image_grad, text_grad
+  embedding_grads = jax.tree.map(lambda g: _split_microbatches(g, state.microbatches, mesh),
+                                 embedding_grads)
+  return contrastive, temperature, grads, embedding_grads
 
 
 def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.Array], Any]:
@@ -230,11 +253,11 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   batch = _with_parallel_rows(batch, config)
   micro = jax.tree.map(lambda x: _split_microbatches(x, state.microbatches, mesh), batch)
   if model.contrastive:
-    contrastive, temperature, grads, image_grad, text_grad = _contrastive_grads(
-        state, micro, trainable)
+    contrastive, temperature, grads, embedding_grads = _contrastive_grads(state, micro,
+                                                                          trainable)
   else:  # captioning-only: the caption loss's gradients accumulated, no first pass
     contrastive, temperature = jnp.zeros((), jnp.float32), {}
-    grads, image_grad, text_grad = jax.tree.map(jnp.zeros_like, params), None, None
+    grads, embedding_grads = jax.tree.map(jnp.zeros_like, params), None
 
   # 3. Each microbatch with gradients: d(loss)/d(params) = sum over embeddings of
   #    d(loss)/d(embedding) . d(embedding)/d(params), plus the microbatch's share of the
@@ -244,12 +267,12 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   targets = jnp.maximum(jnp.sum(batch['tokens'][:, 1:] != pad_id), 1).astype(jnp.float32)
 
   def accumulate(carry, xs):
-    mb, image_grad, text_grad = xs
+    mb, embedding_grads = xs
 
     def surrogate(params):
       out, caption = _forward(model, trainable(params), mb, config)
-      value = 0.0 if image_grad is None else config.contrastive_weight * (
-          jnp.sum(out['image_emb'] * image_grad) + jnp.sum(out['text_emb'] * text_grad))
+      value = 0.0 if embedding_grads is None else config.contrastive_weight * sum(
+          jnp.sum(out[k] * g) for k, g in embedding_grads.items())
       caption_sum = jnp.zeros((), jnp.float32)
       if has_caption:
         count = jnp.sum(mb['tokens'][:, 1:] != pad_id).astype(jnp.float32)
@@ -261,7 +284,7 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
     return (jax.tree.map(jnp.add, grads, micro_grads), caption_total + caption_sum), None
 
   (grads, caption_total), _ = jax.lax.scan(
-      accumulate, (grads, jnp.zeros((), jnp.float32)), (micro, image_grad, text_grad))
+      accumulate, (grads, jnp.zeros((), jnp.float32)), (micro, embedding_grads))
   return _metrics(contrastive, caption_total / targets, temperature, config), grads
 
 

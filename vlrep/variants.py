@@ -3,8 +3,8 @@
 `SIZES` (named model and data sizes) and `RECIPES` (the demo and paper training recipes) are
 tables; `coca(variant)` applies a size and its recipe to `config.defaults()`, and
 `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The other families are
-CoCa with parts switched: `clip`, `siglip`, `lit` (CLIP with a locked image side), `cap` and
-`cappa` (captioning only). The files in `configs/` call these.
+CoCa with parts switched: `clip`, `siglip`, `lit` (CLIP with a locked image side), `filip`
+(CLIP with token-wise similarity), `cap` and `cappa` (captioning only). The files in `configs/` call these.
 """
 
 from __future__ import annotations
@@ -174,4 +174,14 @@ def siglip(variant: str = 'tiny') -> ml_collections.ConfigDict:
   """CLIP's VARIANT with the sigmoid contrastive loss (and its learned bias)."""
   c = clip(variant)
   c.loss.contrastive_type = 'sigmoid'
+  return c
+
+
+def filip(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  """FILIP (Yao et al. 2021): CLIP's VARIANT compared token by token (late interaction over
+  patch and text-token embeddings, `vlrep.late_interaction`). No pooler: the patches are
+  the image side, and the mean patch embedding its vector (`encode_image`, probes)."""
+  c = clip(variant)
+  set_fields(c, {'model.pooler': 'none', 'model.image_pool': 'avg',
+                 'loss.contrastive_similarity': 'token'})
   return c

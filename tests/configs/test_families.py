@@ -1,20 +1,26 @@
 """Model families that are CoCa with parts switched by config, each trained a few steps by the
 one loop and checked for the property that defines it."""
 
+import functools
 import json
 import os
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 import vlrep
 from conftest import load_config, shrink
-from vlrep import optim, train
+from vlrep import optim, step, train
+from vlrep.data import pipeline, synthetic
 from vlrep.variants import LIT_IMAGE_SIDE
-from vlrep.evals import entries
-from vlrep.models.coca import build_model
+from vlrep.evals import entries, retrieval, zeroshot
+from vlrep.evals.suite import Evaluator
+from vlrep.models.coca import CoCa, build_model
+from vlrep.parallel import sharding
+from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 from vlrep.weights import export
 
@@ -114,4 +120,87 @@ def test_a_captioner_refuses_what_needs_a_text_embedding():
   config = shrink(load_config('coca'))
   config.loss.parallel_fraction = 0.75
   with pytest.raises(ValueError, match='needs model.contrastive=False'):
+    build_model(config)
+
+
+def _token_scores_by_hand(model, images, tokens):
+  """FILIP's s^I and s^T [images, texts] from the model's own token embeddings, in numpy."""
+  apply = lambda method, x: jax.jit(functools.partial(model.model.apply, method=method))(
+      {'params': model.params}, x)
+  image_tokens = np.asarray(apply(CoCa.encode_image_tokens, images), np.float64)
+  text_tokens, mask = (np.asarray(x) for x in apply(CoCa.encode_text_tokens, tokens))
+  sim = np.einsum('ike,jre->ijkr', image_tokens, text_tokens.astype(np.float64))
+  sim = np.where(mask[None, :, None, :], sim, -np.inf)
+  per_token = np.where(mask[None], sim.max(axis=2), 0.0).sum(2) / mask.sum(1)[None]
+  return sim.max(axis=3).mean(axis=2), per_token
+
+
+def test_filip_trains_token_wise_and_its_evaluators_rank_by_token_similarity(tmp_path):
+  """configs/filip.py: a few steps with a finite loss, the step's loss being FILIP's token-wise
+  one by hand; the run's zero-shot and retrieval numbers are those of FILIP's token-wise
+  similarities computed by hand from the trained model's patch and token embeddings (which
+  rank otherwise than its vectors' cosine similarity), on 1 device and on 8 alike."""
+  config = shrink(load_config('filip'))
+  config.update(total_steps=2, eval_every_steps=2)
+  config.optim.warmup_steps = 0
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict({name: config.evals[name] for name in
+                                              ('zeroshot_colour', 'retrieval')})
+  run = str(tmp_path / 'filip')
+  results = train.train_and_evaluate(config, run)
+  logged = [m for m in _logged(run) if 'train/loss' in m]
+  assert logged and all(np.isfinite(m['train/contrastive_loss']) and
+                        m['train/loss'] == m['train/contrastive_loss'] for m in logged)
+  model = vlrep.load(run)
+  clip = set(export.named_arrays(jax.eval_shape(lambda: _init(shrink(load_config('clip')), 0))))
+  assert set(export.named_arrays(model.params)) == {
+      n for n in clip if not n.startswith('contrastive_pooler/')}  # CLIP's, less the pooler
+
+  # The loss the step trains on is FILIP's of the model's token embeddings, by hand.
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  loss_config = step.LossConfig.from_config(config.loss)
+  _, metrics = jax.jit(step.compute_losses, static_argnums=(0, 3))(
+      model.model, model.params, batch, loss_config)
+  s_i2t, s_t2i = (scale * s for s, scale in zip(
+      _token_scores_by_hand(model, batch['images'], batch['tokens']),
+      [np.exp(float(model.params['logit_scale']))] * 2))
+  xent = lambda logits: np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))
+  assert float(metrics['contrastive_loss']) == pytest.approx(
+      (xent(s_i2t) + xent(s_t2i.T)) / 2, rel=1e-5)
+
+  examples = pipeline.eval_examples(config, label_key='labels/colour')
+  images = examples['images']
+  names, templates = synthetic.ZERO_SHOT_TASKS['colour']
+  prompts = [t.format(name) for name in names for t in templates]
+  texts = [text for refs in examples['references'] for text in refs]
+  s_i2t, _ = _token_scores_by_hand(model, images, model.tokenize(prompts))
+  classes = s_i2t.reshape(len(images), len(names), -1).mean(-1)
+  r_i2t, r_t2i = _token_scores_by_hand(model, images, model.tokenize(texts))
+  ids = np.repeat(np.arange(len(images)), [len(refs) for refs in examples['references']])
+  correct = retrieval.correct_pairs(ids, len(images), texts, identical_text_is_hit=True)
+  want = {'zeroshot_colour/top1': zeroshot.topk_hits(classes, examples['label'], 1),
+          'zeroshot_colour/top5': zeroshot.topk_hits(classes, examples['label'], 5),
+          **{f'retrieval/{k}': v for k, v in
+             retrieval.recall_from_scores(r_i2t, r_t2i.T, correct).items()}}
+  assert results == pytest.approx(want, abs=1e-9)
+  one_device = sharding.make_mesh(sharding.DATA_PARALLEL, jax.devices()[:1])
+  on_one = Pretrained(config, jax.device_put(model.params, jax.devices()[0]), batch_size=8,
+                      mesh=one_device)
+  assert Evaluator(config)(on_one) == results
+  got_i2t, got_t2i = on_one.token_similarity_scores(images, texts)
+  np.testing.assert_allclose(got_i2t, r_i2t, atol=1e-5)
+  np.testing.assert_allclose(got_t2i, r_t2i, atol=1e-5)
+  # The Python API searches by the same scores, each direction its own.
+  assert (on_one.retrieve(images, texts, k=3)[0] == retrieval.rank_scores(got_i2t, 3)[0]).all()
+  assert (on_one.retrieve(texts[:4], images, k=3)[0] ==
+          retrieval.rank_scores(got_t2i.T[:4], 3)[0]).all()
+  with pytest.raises(ValueError, match='compares images with texts only'):
+    on_one.retrieve(texts, texts)
+  with pytest.raises(ValueError, match='zero_shot_scores'):
+    on_one.zero_shot_classifier(names)
+  # The similarity the run trained is not its vectors' cosine: the rankings differ.
+  cosine = model.encode_image(images) @ model.encode_text(texts).T
+  assert (np.argsort(-cosine, 1)[:, :5] != np.argsort(-r_i2t, 1)[:, :5]).any()
+  with pytest.raises(ValueError, match="needs model.pooler='none'"):
+    config.model.update(pooler='parallel', image_pool='attn')
     build_model(config)

@@ -38,7 +38,13 @@ def rank(query_emb: np.ndarray, candidate_emb: np.ndarray,
   Scores are dot products (cosine similarity for normalised embeddings); ties keep the
   candidates' order, so the ranking is the same on every machine. k=None ranks them all.
   """
-  scores = np.asarray(query_emb, np.float32) @ np.asarray(candidate_emb, np.float32).T
+  return rank_scores(np.asarray(query_emb, np.float32) @ np.asarray(candidate_emb, np.float32).T,
+                     k)
+
+
+def rank_scores(scores: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`rank` of given scores [Q, C] (e.g. FILIP's token-wise similarities)."""
+  scores = np.asarray(scores, np.float32)
   order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
   return order, np.take_along_axis(scores, order, axis=1)
 
@@ -46,8 +52,16 @@ def rank(query_emb: np.ndarray, candidate_emb: np.ndarray,
 def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, correct: np.ndarray,
                 ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
   """{'i2t_r@K', 't2i_r@K'} for embeddings [N, E], [M, E] and `correct` [M, N]."""
-  by_text, _ = rank(text_emb, image_emb, max(ks))
-  by_image, _ = rank(image_emb, text_emb, max(ks))
+  image_emb, text_emb = (np.asarray(x, np.float32) for x in (image_emb, text_emb))
+  return recall_from_scores(image_emb @ text_emb.T, text_emb @ image_emb.T, correct, ks)
+
+
+def recall_from_scores(image_to_text: np.ndarray, text_to_image: np.ndarray,
+                       correct: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """`recall_at_k` of scores: image_to_text [N, M] ranks texts for each image,
+  text_to_image [M, N] images for each text (FILIP's two directions differ)."""
+  by_text, _ = rank_scores(text_to_image, max(ks))
+  by_image, _ = rank_scores(image_to_text, max(ks))
   out = {}
   for k in ks:
     t2i_hits = np.take_along_axis(correct, by_text[:, :k], axis=1).any(axis=1)

@@ -5,7 +5,10 @@ once; `evaluator(model)` runs them on a `Pretrained` model and returns flat
 `{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot, by embeddings or by
 caption likelihood), `<name>/i2t_r@K`,
 `<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match}_{greedy,beam}` (captioning),
-`<name>/accuracy` and the chosen `<name>/l2` (linear probe).
+`<name>/accuracy` and the chosen `<name>/l2` (linear probe). A FILIP model
+(`loss.contrastive_similarity='token'`) ranks by its token-wise similarity in zero-shot and
+retrieval (`Pretrained.zero_shot_scores`, `token_similarity_scores`), streaming the images
+for each entry, as its patch embeddings are too large to keep; probes read its vectors.
 
 Entries reading the same examples share them: examples and image embeddings are loaded /
 computed once for the largest range any entry asks for and sliced for the others. Every
@@ -132,6 +135,9 @@ def _topk(name: str, entry: Any, scores: np.ndarray, labels: np.ndarray) -> dict
 def _zeroshot(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
   examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
   class_names, labels = _classes(name, entry, examples)
+  if model.token_similarity:
+    return _topk(name, entry, model.zero_shot_scores(examples['images'], class_names,
+                                                     tuple(entry.templates)), labels)
   classifier = model.zero_shot_classifier(class_names, tuple(entry.templates))
   image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples,
                                     entry.label_key)
@@ -163,9 +169,14 @@ def _retrieval(name: str, entry: Any, data: _Examples, model: Pretrained) -> dic
                              [len(refs) for refs in examples['references']])
   correct = retrieval.correct_pairs(text_image_ids, len(examples['references']), texts,
                                     entry.identical_text_is_hit)
-  image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples)
-  recalls = retrieval.recall_at_k(image_emb, model.encode_text(texts), correct,
-                                  tuple(entry.ks))
+  if model.token_similarity:
+    image_to_text, text_to_image = model.token_similarity_scores(examples['images'], texts)
+    recalls = retrieval.recall_from_scores(image_to_text, text_to_image.T, correct,
+                                           tuple(entry.ks))
+  else:
+    image_emb = data.image_embeddings(model, entry.data, entry.start, entry.num_examples)
+    recalls = retrieval.recall_at_k(image_emb, model.encode_text(texts), correct,
+                                    tuple(entry.ks))
   return {f'{name}/{metric}': value for metric, value in recalls.items()}
 
 

@@ -22,6 +22,16 @@ returns for probes, is the mean of the image encoder's output tokens, the captio
 representation with nothing trained on top; `encode_text` raises, as there is no text vector.
 With `text_decoder.parallel` the train step marks rows for parallel prediction
 (`parallel_rows`, see `vlrep/models/text.py`).
+
+FILIP's token similarity (`token_similarity`, `loss.contrastive_similarity='token'`,
+`vlrep.late_interaction`; needs `pooler='none'`): `encode_image_tokens` gives one embedding
+per patch (the encoder's patch tokens through the pooled vector's norm and projection) and
+`encode_text_tokens` one per text token (the unimodal outputs through `ln_cls` and the text
+projection) plus the [CLS] output's, with a mask that is False on padding only: [CLS] is a
+token of every text (it reads the whole caption, and keeps an empty text non-empty), BOS and
+EOS are tokens as the caption's words are. The same projections serve the vectors, so the
+parameters are CLIP's (with `image_pool='avg'`) and `encode_image` / `encode_text` still give
+the mean-patch and [CLS] vectors (for probes).
 """
 
 from __future__ import annotations
@@ -46,6 +56,10 @@ MAX_LOG_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
 # What `CoCa.temperature` returns and `__call__` outputs: the contrastive loss's learned
 # scale, and its bias for sigmoid (SigLIP) losses.
 TEMPERATURE_KEYS = ('logit_scale', 'logit_bias')
+# The embeddings `__call__` and `embed` output for the contrastive loss, by similarity
+# (`loss.contrastive_similarity`): vectors, or FILIP's per-token embeddings and text mask.
+CONTRASTIVE_INPUTS = {'global': ('image_emb', 'text_emb'),
+                      'token': ('image_tokens', 'text_tokens', 'text_mask')}
 # (temperature, bias) at initialisation for each `loss.contrastive_type`: CLIP's 0.07 and no
 # bias; SigLIP's t' = log 10 (temperature 0.1) and b = -10, so that the many negatives'
 # sigmoids start near zero.
@@ -78,6 +92,7 @@ class CoCa(nn.Module):
   pooler_mlp_dim: int = 0
   image_projection_layer: bool = True
   contrastive: bool = True  # False: captioning-only, see the module docstring
+  token_similarity: bool = False  # FILIP's per-token embeddings, see the module docstring
 
   def setup(self):
     heads = self.pooler_heads or self.image_encoder.num_heads
@@ -124,7 +139,9 @@ class CoCa(nn.Module):
 
     Captioning-only models: the embedding is the encoder tokens' mean, [B, W].
     """
-    tokens = self.image_encoder(images)
+    return self._pool(self.image_encoder(images))
+
+  def _pool(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     if not self.contrastive:
       return l2_normalize(jnp.mean(tokens, axis=1).astype(jnp.float32)), \
           self.captioning_pooler(tokens)
@@ -150,6 +167,33 @@ class CoCa(nn.Module):
       pooled = self.image_projection(pooled)
     return l2_normalize(pooled.astype(jnp.float32)), caption_tokens
 
+  def _patch_embeddings(self, tokens: jax.Array) -> jax.Array:
+    if self.image_encoder.class_token:
+      tokens = tokens[:, 1:]
+    if self.pooled_norm:
+      tokens = self.image_pooled_norm(tokens)
+    if self.image_projection_layer:
+      tokens = self.image_projection(tokens)
+    return l2_normalize(tokens.astype(jnp.float32))
+
+  def encode_image_tokens(self, images: jax.Array) -> jax.Array:
+    """L2-normalised patch embeddings [B, N, E] (token similarity)."""
+    return self._patch_embeddings(self.image_encoder(images))
+
+  def _text_token_embeddings(self, tokens: jax.Array, cls: jax.Array,
+                             features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    valid = tokens != self.text_decoder.pad_id
+    if self.text_decoder.embed_cls:  # without [CLS], `features` are normalised already
+      features = jnp.concatenate([self.text_decoder.ln_cls(features), cls[:, None]], axis=1)
+      valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], axis=1)
+    return l2_normalize(self.text_projection(features).astype(jnp.float32)), valid
+
+  def encode_text_tokens(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(L2-normalised token embeddings [B, T, E], bool mask [B, T], False on padding) for
+    token similarity; T is L + 1 with [CLS] (last)."""
+    cls, features = self.text_decoder.encode(tokens)
+    return self._text_token_embeddings(tokens, cls, features)
+
   def encode_text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (L2-normalised embedding [B, E], unimodal token features [B, L, W])."""
     if not self.contrastive:
@@ -168,15 +212,21 @@ class CoCa(nn.Module):
     models output no embeddings or temperature. `parallel_rows` ([B] bool, captioning-only
     models with `text_decoder.parallel`): rows predicted in parallel from [MASK] inputs.
     """
-    image_emb, caption_tokens = self.encode_image(images)
+    encoded = self.image_encoder(images)
+    image_emb, caption_tokens = self._pool(encoded)
     cls, token_features = self.text_decoder.encode(tokens, parallel_rows)
     out = dict(self.temperature())
     if self.contrastive:
       if parallel_rows is not None:
         raise ValueError('parallel rows read no text, so they have no text embedding: '
                          'parallel prediction needs a captioning-only model')
-      text_emb = l2_normalize(self.text_projection(cls).astype(jnp.float32))
-      out.update(image_emb=image_emb, text_emb=text_emb)
+      if self.token_similarity:
+        text_tokens, text_mask = self._text_token_embeddings(tokens, cls, token_features)
+        out.update(image_tokens=self._patch_embeddings(encoded), text_tokens=text_tokens,
+                   text_mask=text_mask)
+      else:
+        text_emb = l2_normalize(self.text_projection(cls).astype(jnp.float32))
+        out.update(image_emb=image_emb, text_emb=text_emb)
     if self.text_decoder.multimodal_layers:
       features = self.text_decoder.caption_features(token_features[:, :-1], caption_tokens,
                                                     parallel_rows)
@@ -186,9 +236,13 @@ class CoCa(nn.Module):
         out['caption_logits'] = self.text_decoder.logits(features)
     return out
 
-  def embed(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(image embeddings, text embeddings) only: what the contrastive loss reads."""
-    return self.encode_image(images)[0], self.encode_text(tokens)[0]
+  def embed(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    """What the contrastive loss reads, by its `CONTRASTIVE_INPUTS` names."""
+    if self.token_similarity:
+      text_tokens, text_mask = self.encode_text_tokens(tokens)
+      return {'image_tokens': self.encode_image_tokens(images), 'text_tokens': text_tokens,
+              'text_mask': text_mask}
+    return {'image_emb': self.encode_image(images)[0], 'text_emb': self.encode_text(tokens)[0]}
 
   def decode_step(self, token: jax.Array, caption_tokens: jax.Array | None) -> jax.Array:
     """One decoding step from the KV cache: token [B, 1] -> logits [B, V]."""
@@ -261,6 +315,15 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   if parallel and contrastive:
     raise ValueError('loss.parallel_fraction > 0: parallel rows read only [MASK], so they have '
                      'no text embedding for a contrastive loss; it needs model.contrastive=False')
+  similarity = config.loss.contrastive_similarity
+  if similarity not in CONTRASTIVE_INPUTS:
+    raise ValueError(f'loss.contrastive_similarity={similarity!r}; expected one of '
+                     f'{tuple(CONTRASTIVE_INPUTS)}')
+  token_similarity = similarity == 'token'
+  if token_similarity and (not contrastive or model.pooler != 'none'):
+    raise ValueError("loss.contrastive_similarity='token' (FILIP) compares the encoder's "
+                     "patch tokens with the text's: it needs model.pooler='none' (no pooler "
+                     'left unused) and a contrastive model')
   temperature_init, bias_init = TEMPERATURE_INIT[config.loss.contrastive_type]
   return CoCa(
       image_encoder=VisionTransformer(
@@ -297,4 +360,5 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
       text_projection_bias=model.text_projection_bias,
       pooler_context_norm=model.pooler_context_norm,
       pooler_mlp_dim=model.pooler_mlp_dim,
-      image_projection_layer=model.image_projection, contrastive=contrastive)
+      image_projection_layer=model.image_projection, contrastive=contrastive,
+      token_similarity=token_similarity)
