@@ -4,7 +4,8 @@
 tables; `coca(variant)` applies a size and its recipe to `config.defaults()`, and
 `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The other families are
 CoCa with parts switched: `clip`, `siglip`, `lit` (CLIP with a locked image side), `filip`
-(CLIP with token-wise similarity), `cap` and `cappa` (captioning only). The files in `configs/` call these.
+(CLIP with token-wise similarity), `cap` and `cappa` (captioning only). The files in
+`configs/` call these.
 """
 
 from __future__ import annotations

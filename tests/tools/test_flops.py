@@ -16,10 +16,13 @@ from vlrep.step import LossConfig, compute_losses, example_batch, init_params
 from vlrep.tools import flops
 
 
-def test_analytic_flops_match_xla_within_3_percent():
-  config = load_config('coca')  # tiny: width 128, so element-wise work is a few percent
+@pytest.mark.parametrize('family', ['coca', 'cap', 'filip'])
+def test_analytic_flops_match_xla_within_3_percent(family):
+  """CoCa, a captioning-only model (no contrastive parts) and FILIP (token-wise similarity:
+  every patch and text token projected, and compared pair by pair)."""
+  config = load_config(family)  # tiny: width 128, so element-wise work is a few percent
   config.batch_size = 8
-  config.loss.caption_chunk = 0
+  config.loss.update(caption_chunk=0, token_similarity_chunk=0)  # no loops: XLA counts all
   model = build_model(config)
   params = jax.eval_shape(lambda: nn.unbox(init_params(model, config, jax.random.key(0))))
   batch = jax.eval_shape(lambda: example_batch(config, config.batch_size))
@@ -59,3 +62,18 @@ def test_components_by_hand():
   # CLIP's contrastive pooler reads all patches.
   assert clip_parts['contrastive_pooler'] == 3 * b * (
       2 * w * w * (2 + 2 * patches) + 4 * patches * w)
+
+
+def test_a_captioner_counts_no_contrastive_parts_and_filip_counts_token_pairs():
+  cap = load_config('cap', 'small')
+  cap.batch_size = 4
+  parts = flops.train_flops_per_step(cap)
+  assert parts['contrastive_pooler'] == parts['projections'] == 0
+  assert parts['contrastive_logits'] == 0 and parts['captioning_pooler'] > 0
+  filip = load_config('filip', 'small')
+  filip.batch_size = 4
+  b, w, e, patches, tokens = 4, 256, 256, (128 // 8) ** 2, 32 + 1  # [CLS] is a token
+  parts = flops.train_flops_per_step(filip)
+  assert parts['contrastive_logits'] == 3 * 2 * b * b * patches * tokens * e
+  assert parts['projections'] == 3 * b * 2 * (patches + tokens) * w * e
+  assert parts['contrastive_pooler'] == parts['captioning_pooler'] == 0

@@ -4,9 +4,10 @@
 (`train/mfu`) divide by the step time and the chips' peak (`PEAK_TFLOPS`) for MFU.
 Counted: every matrix multiplication of the model (one multiply-add = 2 FLOPs) -- the image
 encoder (stem and patch convolutions, attention projections, attention scores and weighted
-sums, MLPs), both attentional poolers, the unimodal and the multimodal text decoder
-(self- and cross-attention), the LM head, the two embedding projections and the B x B
-contrastive logits. Causal self-attention is counted by its non-masked half (T(T+1)/2
+sums, MLPs), the attentional poolers the model runs, the unimodal and the multimodal text
+decoder (self- and cross-attention), the LM head, the embedding projections and the B x B
+contrastive similarities (FILIP's token by token); a captioning-only model has no
+contrastive parts to count. Causal self-attention is counted by its non-masked half (T(T+1)/2
 query-key pairs of T^2). Not counted: element-wise work (LayerNorm, GELU, softmax,
 residual sums, the loss) and rematerialisation, as usual for MFU ("model FLOPs", Chowdhery et
 al. 2022). Training counts the forward pass three times (forward, and a backward pass
@@ -74,27 +75,52 @@ def forward_flops_per_example(config: ml_collections.ConfigDict,
   image += vision.layers * (_attention(patches, patches, w) + _mlp(patches, w, vision.mlp_dim))
 
   has_caption = text.multimodal_layers > 0
+  contrastive = model.contrastive
+  token_similarity = contrastive and config.loss.contrastive_similarity == 'token'
+  attn_pool = model.image_pool == 'attn'
   queries = model.captioning_queries
-  caption_pooler = _attention(queries, patches, w) if has_caption else 0
+  # The captioning pooler runs for the decoder's cross-attention (captioning-only models,
+  # or CoCa's attentional pooling) and, with pooler 'single', as the contrastive pool too.
+  runs_caption_pooler = (has_caption and (attn_pool or not contrastive) or
+                         contrastive and model.pooler == 'single')
+  caption_pooler = _attention(queries, patches, w) if runs_caption_pooler else 0
   cascade = model.pooler == 'cascade' and has_caption
-  contrastive_pooler = _attention(1, queries if cascade else patches, w)
+  contrastive_pooler = _attention(1, queries if cascade else patches, w) \
+      if contrastive and attn_pool else 0
 
-  # Text: the unimodal half reads L tokens + [CLS]; the multimodal half reads L - 1 tokens
-  # (the last token predicts nothing) and cross-attends to the captioning pooler's tokens.
+  # Text: the unimodal half reads L tokens (+ [CLS] in contrastive models); the multimodal
+  # half reads L - 1 tokens (the last token predicts nothing) and cross-attends to the
+  # captioning pooler's tokens.
   tw, length = text.width, config.data.max_text_len
   def causal(t):
     return _causal_pairs(t) if causal_half else t * t
-  uni_len, multi_len = length + 1, length - 1
+  uni_len = length + 1 if contrastive and text.embed_cls else length
+  multi_len = length - 1
   unimodal = text.unimodal_layers * (_attention(uni_len, uni_len, tw, causal(uni_len)) +
                                      _mlp(uni_len, tw, text.mlp_dim))
   multimodal = text.multimodal_layers * (
       _attention(multi_len, multi_len, tw, causal(multi_len)) +
       _attention(multi_len, queries, tw) + _mlp(multi_len, tw, text.mlp_dim)) if has_caption else 0
   lm_head = 2 * multi_len * tw * text.vocab_size if has_caption else 0
-  projections = 2 * (w + tw) * model.embed_dim
+  # FILIP projects every patch and text token; the others one vector per side.
+  image_vectors, text_vectors = (patches, uni_len) if token_similarity else (1, 1)
+  projections = 2 * (image_vectors * w + text_vectors * tw) * model.embed_dim \
+      if contrastive else 0
   return {'image_encoder': image, 'captioning_pooler': caption_pooler,
           'contrastive_pooler': contrastive_pooler, 'text_unimodal': unimodal,
           'text_multimodal': multimodal, 'lm_head': lm_head, 'projections': projections}
+
+
+def contrastive_logits_flops(config: ml_collections.ConfigDict, batch: int) -> int:
+  """The B x B similarities: one dot product per pair, or FILIP's patches x text tokens."""
+  model = config.model
+  if not model.contrastive:
+    return 0
+  pair = model.embed_dim
+  if config.loss.contrastive_similarity == 'token':
+    patches = (config.data.image_size // model.vision.patch_size) ** 2
+    pair *= patches * (config.data.max_text_len + int(model.text.embed_cls))
+  return 2 * batch * batch * pair
 
 
 def forward_flops(config: ml_collections.ConfigDict, batch_size: int | None = None,
@@ -102,7 +128,7 @@ def forward_flops(config: ml_collections.ConfigDict, batch_size: int | None = No
   """Forward FLOPs of one global batch by component, plus `contrastive_logits` and `total`."""
   batch = config.batch_size if batch_size is None else batch_size
   parts = {k: v * batch for k, v in forward_flops_per_example(config, causal_half).items()}
-  parts['contrastive_logits'] = 2 * batch * batch * config.model.embed_dim
+  parts['contrastive_logits'] = contrastive_logits_flops(config, batch)
   parts['total'] = sum(parts.values())
   return parts
 
