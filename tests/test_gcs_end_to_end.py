@@ -2,8 +2,8 @@
 
 Ingest to gs://, train from gs:// data into a gs:// workdir, `kill -9` the run mid-way,
 rerun the same command (it resumes bit-exactly: the final parameters equal an uninterrupted
-run's), evaluate, `vlrep.load`, export to the bucket and load the export; and two processes
-(launch/local.sh) writing one checkpoint sharded between them into the bucket.
+run's), evaluate, `vlrep.load`, export to the bucket and load the export. Two processes
+writing one checkpoint sharded between them into a bucket: tests/launch/test_spanning_axes.py.
 """
 
 import csv
@@ -142,27 +142,3 @@ def test_train_kill_resume_evaluate_load_export_on_a_bucket(config, gs_data, buc
   saved.loader.exec_module(module)
   assert (json.loads(module.get_config(f'{bucket}/export').model.to_json())
           == json.loads(model.config.model.to_json()))
-
-
-def test_two_processes_write_one_sharded_checkpoint_to_a_bucket(config, gs_data, bucket):
-  config = _config(config, gs_data)
-  config.total_steps = 2
-  config.log_every_steps = 1
-  config.mesh.data, config.mesh.fsdp = 1, -1  # parameters split over both processes
-  workdir = f'{bucket}/run'
-  command = ['bash', os.path.join(REPO, 'launch', 'local.sh'), '--processes=2',
-             '--devices_per_process=4', '--', '--config=configs/coca.py:tiny',
-             f'--workdir={workdir}', *override_flags(config)]
-  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHON=sys.executable),
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-  assert _committed_steps(workdir) == [2]
-  # One checkpoint, each process's shards in it (Orbax's per-process OCDBT stores), which
-  # restores whole (every array by name and shape) on this one process.
-  params = f'{workdir}/checkpoints/2/params'
-  assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(paths.listdir(params)), paths.listdir(params)
-  restored = export.host_arrays(vlrep.load(workdir).params)
-  assert all(np.isfinite(x).all() for x in restored.values())
-  losses = [json.loads(line)['train/loss'] for line in
-            paths.read_text(f'{workdir}/metrics.jsonl').split('\n') if line]
-  assert len(losses) == 2 and np.isfinite(losses).all()
