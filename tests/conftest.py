@@ -122,3 +122,17 @@ def bucket(gcs_server, request) -> str:
 
 
 _BUCKETS = itertools.count()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+  """Tests that share a module-scoped fixture (a trained run, say) form one pytest-xdist
+  group (`--dist loadgroup`, pytest.ini), so that the fixture is built once rather than
+  once on each worker that draws one of them; every other test goes to whichever worker is
+  free."""
+  for item in items:
+    infos = getattr(item, '_fixtureinfo', None)
+    shared = sorted(name for name, defs in (infos.name2fixturedefs.items() if infos else ())
+                    if defs[-1].scope == 'module')
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}:{shared[0]}'))
