@@ -46,8 +46,12 @@ def compiled_memory(loss_type: str, impl: str, batch: int, embed_dim: int,
         image_emb, text_emb, logit_scale, logit_bias if loss_type == 'sigmoid' else None,
         loss_type=loss_type, impl=impl, mesh=mesh, batch_axes=sharding.BATCH_AXES)
 
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(
-      emb, emb, scalar, scalar).compile()
+  return memory_sizes(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(
+      emb, emb, scalar, scalar).compile())
+
+
+def memory_sizes(compiled) -> dict[str, int]:
+  """Per-device temp, argument, output and alias bytes of a compiled program, and its peak."""
   analysis = compiled.memory_analysis()
   if analysis is None:
     raise SystemExit('this backend reports no compiled memory analysis')
@@ -57,16 +61,21 @@ def compiled_memory(loss_type: str, impl: str, batch: int, embed_dim: int,
   return sizes
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """data=DATA_DEVICES over the first simulated devices (the benchmarks' mesh)."""
+  if len(jax.devices()) < DATA_DEVICES:
+    raise SystemExit(f'needs {DATA_DEVICES} devices, found {len(jax.devices())}')
+  return sharding.make_mesh(ml_collections.ConfigDict({'data': DATA_DEVICES, 'fsdp': 1,
+                                                       'tensor': 1}),
+                            jax.devices()[:DATA_DEVICES])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=16384, help='global batch')
   parser.add_argument('--embed_dim', type=int, default=512)
   args = parser.parse_args()
-  if len(jax.devices()) < DATA_DEVICES:
-    raise SystemExit(f'needs {DATA_DEVICES} devices, found {len(jax.devices())}')
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': DATA_DEVICES, 'fsdp': 1,
-                                                       'tensor': 1}),
-                            jax.devices()[:DATA_DEVICES])
+  mesh = data_mesh()
 
   mib = lambda n: f'{n / 2**20:10.1f}'
   print(f'global batch {args.batch}, embed_dim {args.embed_dim}, float32, mesh '

@@ -29,23 +29,11 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vlrep import late_interaction, losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vlrep.parallel import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-DATA_DEVICES = 8
-
-
-def _sizes(compiled) -> dict[str, int]:
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    raise SystemExit('this backend reports no compiled memory analysis')
-  sizes = {'temp': analysis.temp_size_in_bytes, 'argument': analysis.argument_size_in_bytes,
-           'output': analysis.output_size_in_bytes, 'alias': analysis.alias_size_in_bytes}
-  sizes['peak'] = sizes['temp'] + sizes['argument'] + sizes['output'] - sizes['alias']
-  return sizes
+from contrastive_memory import DATA_DEVICES, data_mesh, memory_sizes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def compiled_memory(similarity: str, impl: str, args: argparse.Namespace, chunk: int,
@@ -66,7 +54,7 @@ def compiled_memory(similarity: str, impl: str, args: argparse.Namespace, chunk:
               array(args.batch, args.text_tokens, args.embed_dim),
               array(args.batch, args.text_tokens, dtype=jnp.bool_), scale)
     argnums = (0, 1, 3)
-  return _sizes(jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(*inputs).compile())
+  return memory_sizes(jax.jit(jax.value_and_grad(loss, argnums=argnums)).lower(*inputs).compile())
 
 
 def main() -> None:
@@ -77,11 +65,7 @@ def main() -> None:
   parser.add_argument('--embed_dim', type=int, default=256)
   parser.add_argument('--chunk', type=int, default=16, help='texts per slice (token loss)')
   args = parser.parse_args()
-  if len(jax.devices()) < DATA_DEVICES:
-    raise SystemExit(f'needs {DATA_DEVICES} devices, found {len(jax.devices())}')
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': DATA_DEVICES, 'fsdp': 1,
-                                                       'tensor': 1}),
-                            jax.devices()[:DATA_DEVICES])
+  mesh = data_mesh()
   mib = lambda n: f'{n / 2**20:10.1f}'
   print(f'global batch {args.batch}, {args.patches} patches, {args.text_tokens} text tokens, '
         f'embed_dim {args.embed_dim}, float32 softmax loss, mesh {dict(mesh.shape)}; '
