@@ -140,6 +140,14 @@ def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
   return joined if isinstance(out, tuple) else joined[0]
 
 
+def _zero_shot_templates(caller: str, class_names: Sequence[str],
+                         templates: Sequence[str] | None) -> tuple[str, ...]:
+  templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
+  if not class_names or not templates:
+    raise ValueError(f'{caller} needs at least one class name and one template')
+  return templates
+
+
 class Pretrained:
   """A CoCa-family model with its parameters, config and tokenizer."""
 
@@ -247,9 +255,7 @@ class Pretrained:
     if self.token_similarity:
       raise ValueError('a FILIP model (token similarity) has no vector classifier: '
                        'zero_shot_scores ranks classes as its evaluator does')
-    templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
-    if not class_names or not templates:
-      raise ValueError('zero_shot_classifier needs at least one class name and one template')
+    templates = _zero_shot_templates('zero_shot_classifier', class_names, templates)
     return zeroshot.class_embeddings(self.encode_text, list(class_names), templates)
 
   def zero_shot_scores(self, images: np.ndarray | pipeline.EvalImages,
@@ -259,11 +265,9 @@ class Pretrained:
     ranks them: `encode_image(images) @ zero_shot_classifier(...).T`, or for a FILIP model
     the mean over a class's prompts of their token-wise image->text similarity (token sets
     have no mean to ensemble, as vectors do)."""
-    templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
     if not self.token_similarity:
       return self.encode_image(images) @ self.zero_shot_classifier(class_names, templates).T
-    if not class_names or not templates:
-      raise ValueError('zero_shot_scores needs at least one class name and one template')
+    templates = _zero_shot_templates('zero_shot_scores', class_names, templates)
     prompts = [template.format(name) for name in class_names for template in templates]
     image_to_text, _ = self.token_similarity_scores(images, prompts)
     return image_to_text.reshape(len(image_to_text), len(class_names), -1).mean(-1)
