@@ -29,7 +29,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from vlrep import losses
-from vlrep.losses import _global_rows, _lse_fold, _ring_perm
+from vlrep.losses import global_rows, lse_fold, ring_perm
 
 # What a padded text token scores against every patch: below any cosine similarity, so it
 # never wins a max, and finite, so that a text with no valid token gives finite losses.
@@ -126,7 +126,7 @@ def contrastive_loss(image_tokens: jax.Array, text_tokens: jax.Array, text_mask:
 
 def _softmax_gather(img, txt, mask, scale, *, axes, num_shards, chunk):
   del num_shards
-  rows = _global_rows(img.shape[0], axes)
+  rows = global_rows(img.shape[0], axes)
   s_i2t, s_t2i = token_similarities(img, jax.lax.all_gather(txt, axes, tiled=True),
                                     jax.lax.all_gather(mask, axes, tiled=True), chunk)
   image_to_text = optax.softmax_cross_entropy_with_integer_labels(scale * s_i2t, rows)
@@ -147,7 +147,7 @@ def _sigmoid_sum(s_i2t, s_t2i, scale, bias, signs):
 
 def _sigmoid_gather(img, txt, mask, scale, bias, *, axes, num_shards, chunk):
   del num_shards
-  rows = _global_rows(img.shape[0], axes)
+  rows = global_rows(img.shape[0], axes)
   s_i2t, s_t2i = token_similarities(img, jax.lax.all_gather(txt, axes, tiled=True),
                                     jax.lax.all_gather(mask, axes, tiled=True), chunk)
   signs = jnp.where(rows[:, None] == jnp.arange(s_i2t.shape[1]), 1.0, -1.0)
@@ -160,21 +160,21 @@ def _softmax_ring(img, txt, mask, scale, *, axes, num_shards, chunk):
   @jax.checkpoint
   def block(txt, mask, rows_acc, cols_acc):
     s_i2t, s_t2i = token_similarities(img, txt, mask, chunk)
-    return _lse_fold(scale * s_i2t, 1, rows_acc), _lse_fold(scale * s_t2i, 0, cols_acc)
+    return lse_fold(scale * s_i2t, 1, rows_acc), lse_fold(scale * s_t2i, 0, cols_acc)
 
   rows_acc, cols_acc = block(txt, mask, None, None)
 
   def step(carry, _):
     rows_acc, txt_block, mask_block, cols_acc = carry
     txt_block, mask_block, cols_acc = jax.lax.ppermute((txt_block, mask_block, cols_acc), axes,
-                                                       _ring_perm(num_shards))
+                                                       ring_perm(num_shards))
     rows_acc, cols_acc = block(txt_block, mask_block, rows_acc, cols_acc)
     return (rows_acc, txt_block, mask_block, cols_acc), None
 
   if num_shards > 1:
     (rows_acc, _, _, cols_acc), _ = jax.lax.scan(step, (rows_acc, txt, mask, cols_acc),
                                                  length=num_shards - 1)
-    cols_acc = jax.lax.ppermute(cols_acc, axes, _ring_perm(num_shards))
+    cols_acc = jax.lax.ppermute(cols_acc, axes, ring_perm(num_shards))
   pos_i2t, pos_t2i = (scale * s for s in matched_similarities(img, txt, mask))
   lse = lambda acc: acc[0] + jnp.log(acc[1])
   return jax.lax.psum(jnp.sum(lse(rows_acc) - pos_i2t) + jnp.sum(lse(cols_acc) - pos_t2i),
@@ -192,7 +192,7 @@ def _sigmoid_ring(img, txt, mask, scale, bias, *, axes, num_shards, chunk):
   def step(carry, _):
     total, txt_block, mask_block = carry
     txt_block, mask_block = jax.lax.ppermute((txt_block, mask_block), axes,
-                                             _ring_perm(num_shards))
+                                             ring_perm(num_shards))
     return (total + block(txt_block, mask_block, False), txt_block, mask_block), None
 
   (total, _, _), _ = jax.lax.scan(step, (block(txt, mask, True), txt, mask),

@@ -120,14 +120,14 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
 # rows and the replicated scalars; each returns the loss summed over the global batch.
 
 
-def _global_rows(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
+def global_rows(local_batch: int, axes: tuple[str, ...]) -> jax.Array:
   """Global indices of this device's rows: all_gather(tiled) and P(axes) share the order."""
   return jax.lax.axis_index(axes) * local_batch + jnp.arange(local_batch)
 
 
 def _softmax_gather(img, txt, scale, *, axes, num_shards):
   del num_shards
-  labels = _global_rows(img.shape[0], axes)
+  labels = global_rows(img.shape[0], axes)
   all_img = jax.lax.all_gather(img, axes, tiled=True)
   all_txt = jax.lax.all_gather(txt, axes, tiled=True)
   xent = optax.softmax_cross_entropy_with_integer_labels
@@ -138,13 +138,13 @@ def _softmax_gather(img, txt, scale, *, axes, num_shards):
 
 def _sigmoid_gather(img, txt, scale, bias, *, axes, num_shards):
   del num_shards
-  rows = _global_rows(img.shape[0], axes)
+  rows = global_rows(img.shape[0], axes)
   logits = _logits(img, jax.lax.all_gather(txt, axes, tiled=True), scale, bias)
   signs = jnp.where(rows[:, None] == jnp.arange(logits.shape[1]), 1.0, -1.0)
   return jax.lax.psum(-jnp.sum(jax.nn.log_sigmoid(signs * logits)), axes)
 
 
-def _lse_fold(logits: jax.Array, axis: int,
+def lse_fold(logits: jax.Array, axis: int,
               acc: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array]:
   """Folds logsumexp(logits, axis) into a running (max, sum of exp(x - max)) pair."""
   # The max only keeps exp() in range and the log-sum-exp does not depend on it, so it needs
@@ -165,7 +165,7 @@ def _lse_fold(logits: jax.Array, axis: int,
 @jax.checkpoint
 def _softmax_block(img, txt, scale, rows_acc, cols_acc):
   logits = _logits(img, txt, scale)
-  return _lse_fold(logits, 1, rows_acc), _lse_fold(logits, 0, cols_acc)
+  return lse_fold(logits, 1, rows_acc), lse_fold(logits, 0, cols_acc)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
@@ -176,7 +176,7 @@ def _sigmoid_block(img, txt, scale, bias, own):
   return -jnp.sum(jax.nn.log_sigmoid(-logits))
 
 
-def _ring_perm(num_shards: int) -> list[tuple[int, int]]:
+def ring_perm(num_shards: int) -> list[tuple[int, int]]:
   return [(i, (i + 1) % num_shards) for i in range(num_shards)]
 
 
@@ -187,7 +187,7 @@ def _softmax_ring(img, txt, scale, *, axes, num_shards):
 
   def step(carry, _):
     rows_acc, txt_block, cols_acc = carry
-    txt_block, cols_acc = jax.lax.ppermute((txt_block, cols_acc), axes, _ring_perm(num_shards))
+    txt_block, cols_acc = jax.lax.ppermute((txt_block, cols_acc), axes, ring_perm(num_shards))
     rows_acc, cols_acc = _softmax_block(img, txt_block, scale, rows_acc, cols_acc)
     return (rows_acc, txt_block, cols_acc), None
 
@@ -195,7 +195,7 @@ def _softmax_ring(img, txt, scale, *, axes, num_shards):
     (rows_acc, _, cols_acc), _ = jax.lax.scan(step, (rows_acc, txt, cols_acc),
                                               length=num_shards - 1)
     # The text block is not needed any more: only its columns' accumulator goes home.
-    cols_acc = jax.lax.ppermute(cols_acc, axes, _ring_perm(num_shards))
+    cols_acc = jax.lax.ppermute(cols_acc, axes, ring_perm(num_shards))
   positives = scale * jnp.einsum('ie,ie->i', img, txt, preferred_element_type=jnp.float32)
   lse = lambda acc: acc[0] + jnp.log(acc[1])
   return jax.lax.psum(jnp.sum(lse(rows_acc) - positives) + jnp.sum(lse(cols_acc) - positives),
@@ -207,7 +207,7 @@ def _sigmoid_ring(img, txt, scale, bias, *, axes, num_shards):
 
   def step(carry, _):
     total, txt_block = carry
-    txt_block = jax.lax.ppermute(txt_block, axes, _ring_perm(num_shards))
+    txt_block = jax.lax.ppermute(txt_block, axes, ring_perm(num_shards))
     return (total + _sigmoid_block(img, txt_block, scale, bias, False), txt_block), None
 
   (total, _), _ = jax.lax.scan(step, (total, txt), length=num_shards - 1)

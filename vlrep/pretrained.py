@@ -14,20 +14,20 @@ every process passes the same inputs and gets the full outputs back. Streamed ev
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals import retrieval, token_scores, zeroshot
 from vlrep.models import decode
 from vlrep.models.coca import CoCa, build_model
 from vlrep.parallel import sharding
+from vlrep.parallel.chunks import in_chunks, host_inputs
 
 if TYPE_CHECKING:
   from vlrep.data import pipeline
@@ -87,59 +87,6 @@ def _score_group(model: CoCa, params: Any, caption_tokens: jax.Array,
   return model.apply({'params': params}, method=score)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole of a global array as numpy, on every process."""
-  return np.asarray(x) if x.is_fully_addressable else \
-      multihost_utils.process_allgather(x, tiled=True)
-
-
-def _images(images: Any) -> Any:
-  """Streamed evaluation images as they are (read in `_in_chunks`), anything else as numpy."""
-  return images if hasattr(images, 'take_rows') else np.asarray(images)
-
-
-def _row_template(x: Any, prepare: Callable[[np.ndarray], np.ndarray]) -> tuple[tuple, Any]:
-  """(shape, dtype) of one row of `x` as `prepare` makes it."""
-  first = np.zeros((1, *x.row_shape), x.dtype) if hasattr(x, 'take_rows') else np.asarray(x[:1])
-  first = prepare(first)
-  return first.shape[1:], first.dtype
-
-
-def _in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
-               batch_sharding: jax.sharding.Sharding,
-               prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-  """fn over `inputs` in chunks of `chunk` rows (the last one zero-padded), concatenated.
-
-  `inputs` is one array or sequence, or a tuple of them with the same rows (passed as
-  separate arguments). A sequence with `take_rows` (`pipeline.EvalImages`) is decoded here,
-  and only in the rows that this process's devices hold (`sharding.process_rows`): on a pod
-  each host decodes its share of every chunk. `prepare` maps every input's rows as read.
-  Each chunk becomes a global array split over the batch axes; every process gets the whole
-  output back (a tuple of outputs when `fn` returns a tuple).
-  """
-  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-  prepare = prepare or (lambda x: x)
-  mine = sharding.process_rows(batch_sharding, chunk)
-  templates = [_row_template(x, prepare) for x in inputs]
-  outputs = []
-  for start in range(0, len(inputs[0]), chunk):
-    rows = min(chunk, len(inputs[0]) - start)
-    real = mine[mine < rows]  # a prefix of `mine`: the rest of this process's rows are padding
-    arrays = []
-    for x, (shape, dtype) in zip(inputs, templates):
-      local = np.zeros((len(mine), *shape), dtype)
-      if len(real):
-        wanted = start + real
-        local[:len(real)] = prepare(x.take_rows(wanted) if hasattr(x, 'take_rows')
-                                    else np.asarray(x)[wanted])
-      arrays.append(jax.make_array_from_process_local_data(batch_sharding, local,
-                                                           (chunk, *shape)))
-    out = fn(*arrays)
-    outputs.append(tuple(_to_host(x)[:rows] for x in (out if isinstance(out, tuple) else (out,))))
-  joined = tuple(np.concatenate(parts) for parts in zip(*outputs))
-  return joined if isinstance(out, tuple) else joined[0]
-
-
 def _zero_shot_templates(caller: str, class_names: Sequence[str],
                          templates: Sequence[str] | None) -> tuple[str, ...]:
   templates = zeroshot.DEFAULT_TEMPLATES if templates is None else tuple(templates)
@@ -192,13 +139,13 @@ class Pretrained:
   def encode_image(self, images: np.ndarray | pipeline.EvalImages) -> np.ndarray:
     """L2-normalised image embeddings float32 [B, E]; `images` as `preprocess_images` takes
     them, or streamed evaluation images (each process decodes only its devices' rows)."""
-    return _in_chunks(lambda x: _encode_image(self.model, self.params, x),
-                      _images(images), self.batch_size, self._batch_sharding,
+    return in_chunks(lambda x: _encode_image(self.model, self.params, x),
+                      host_inputs(images), self.batch_size, self._batch_sharding,
                       self.preprocess_images)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""
-    return _in_chunks(lambda x: _encode_text(self.model, self.params, x), self.tokenize(texts),
+    return in_chunks(lambda x: _encode_text(self.model, self.params, x), self.tokenize(texts),
                       self.batch_size, self._batch_sharding)
 
   def caption_ids(self, images: np.ndarray | pipeline.EvalImages, max_len: int | None = None, *,
@@ -217,7 +164,7 @@ class Pretrained:
     if unknown:
       raise ValueError(f'options {sorted(unknown)} do not apply to method {method!r}')
     max_len = max_len or self.config.data.max_text_len
-    images = _images(images)
+    images = host_inputs(images)
     options.update(bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
     if method == 'sample':
       rng = jax.random.key(options.pop('seed', 0))
@@ -235,7 +182,7 @@ class Pretrained:
 
     def run(chunk):
       return decode_chunk(_caption_tokens(self.model, self.params, chunk))
-    return _in_chunks(run, images, self.batch_size, self._batch_sharding,
+    return in_chunks(run, images, self.batch_size, self._batch_sharding,
                       self.preprocess_images)
 
   def caption(self, images: np.ndarray, max_len: int | None = None, *, method: str = 'greedy',
@@ -325,7 +272,7 @@ class Pretrained:
     devices = sharding.batch_devices(self.mesh)
     rows = (2 ** 28 // max(1, tokens.shape[1] * self.config.model.text.vocab_size))
     chunk = min(self.batch_size, max(devices, rows // devices * devices))
-    return _in_chunks(functools.partial(_next_token_logits, self.model, self.params),
+    return in_chunks(functools.partial(_next_token_logits, self.model, self.params),
                       (images, tokens.astype(np.int32)), chunk, self._batch_sharding)
 
   def score_texts(self, images: np.ndarray | pipeline.EvalImages, texts: Sequence[str],
@@ -369,7 +316,7 @@ class Pretrained:
       context = _caption_tokens(self.model, self.params, chunk)
       return jnp.concatenate([_score_group(self.model, self.params, context, features, group)
                               for features, group in groups], axis=1)
-    return _in_chunks(run, _images(images), self.batch_size, self._batch_sharding,
+    return in_chunks(run, host_inputs(images), self.batch_size, self._batch_sharding,
                       self.preprocess_images)[:, :len(texts)]
 
   def save(self, path: str) -> str:

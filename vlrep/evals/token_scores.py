@@ -22,6 +22,7 @@ import numpy as np
 
 from vlrep import late_interaction
 from vlrep.models.coca import CoCa
+from vlrep.parallel.chunks import host_inputs, in_chunks
 
 if TYPE_CHECKING:
   from vlrep.pretrained import Pretrained
@@ -46,8 +47,7 @@ def similarity_scores(model: Pretrained, images: Any,
                       tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(s^I, s^T), float32 [N_images, N_texts] each, of `images` (as `Pretrained.encode_image`
   takes them) and int32 token rows [N_texts, L]."""
-  from vlrep.pretrained import _images, _in_chunks  # pylint: disable=g-import-not-at-top
-  text_tokens, text_mask = _in_chunks(
+  text_tokens, text_mask = in_chunks(
       lambda x: _encode_text_tokens(model.model, model.params, x), tokens, model.batch_size,
       model._batch_sharding)  # pylint: disable=protected-access
   keep = text_mask.any(0)  # positions that are padding in every text score nothing
@@ -65,7 +65,7 @@ def similarity_scores(model: Pretrained, images: Any,
   def run(images):
     scores = [_token_scores(model.model, model.params, images, *g, chunk) for g in groups]
     return tuple(jnp.concatenate(s, axis=1) for s in zip(*scores))
-  image_to_text, text_to_image = _in_chunks(run, _images(images), model.batch_size,
-                                            model._batch_sharding,  # pylint: disable=protected-access
-                                            model.preprocess_images)
+  image_to_text, text_to_image = in_chunks(run, host_inputs(images), model.batch_size,
+                                           model._batch_sharding,  # pylint: disable=protected-access
+                                           model.preprocess_images)
   return image_to_text[:, :len(tokens)], text_to_image[:, :len(tokens)]

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from vlrep.config import migrate
 from vlrep.models.coca import build_model
 from vlrep.parallel import sharding
+from vlrep.parallel.chunks import to_host
 from vlrep.runtime import paths
 
 CONFIG_FILE = 'config.json'
@@ -51,13 +52,6 @@ def named_arrays(tree: Any) -> dict[str, Any]:
   return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
 
 
-def _to_host(x: Any) -> np.ndarray:
-  """The whole of an array as numpy, on every process (a collective for global arrays)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 def _storable(x: np.ndarray) -> np.ndarray:
   # Safetensors' numpy API knows numpy's own dtypes only; bfloat16 and friends are stored
   # as float32 (exact) and cast back to the model's dtype by `place`.
@@ -70,7 +64,7 @@ def save(path: str, config: ml_collections.ConfigDict, params: Any) -> str:
   Every process must call it (gathering sharded arrays is collective); process 0 writes. The
   parameter file is written under a temporary name and renamed, so a reader never sees half.
   """
-  arrays = {name: np.asarray(_storable(_to_host(x)), order='C')
+  arrays = {name: np.asarray(_storable(to_host(x)), order='C')
             for name, x in named_arrays(params).items()}
   path = paths.check(path)
   if jax.process_index() == 0:
@@ -156,4 +150,4 @@ def place(named: Mapping[str, Any], abstract: Any, source: str) -> Any:
 
 def host_arrays(params: Any) -> dict[str, np.ndarray]:
   """Named numpy copies of a parameter tree (collective for arrays spread over processes)."""
-  return {name: _to_host(x) for name, x in named_arrays(params).items()}
+  return {name: to_host(x) for name, x in named_arrays(params).items()}
