@@ -191,7 +191,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.lr_multipliers = ()
   c.optim.layer_decay = 0.0
   # Decay of an exponential moving average of the parameters kept in the train state
-  # (vlrep/step.py `ema_update`, bias-corrected): it averages out the noise of the last
+  # (vlrep/ema.py `ema_update`, bias-corrected): it averages out the noise of the last
   # ~1/(1 - decay) updates. Evaluations, `vlrep.load` and init_from read it in place of the
   # raw parameters when a checkpoint has it. 0 = off: no EMA in the state or the checkpoints,
   # as before the field existed.

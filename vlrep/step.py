@@ -5,7 +5,7 @@ the model, optimizer, loss settings, mesh and microbatch count as static fields,
 needs nothing else and can be imported, jitted with any shardings and tested on its own.
 `create_train_state` builds parameters and optimizer state directly in their shardings.
 With `optim.ema_decay > 0` the state also carries an exponential moving average of the
-parameters (`ema_update`), which the evaluators and `vlrep.load` use when it is there.
+parameters (`vlrep.ema`), which the evaluators and `vlrep.load` use when it is there.
 
 With `microbatches=K > 1` the step keeps every negative of the global batch (GradCache,
 Gao et al. 2021; open_clip's accum-freq): all embeddings are computed first without
@@ -18,7 +18,6 @@ update equal the K=1 step up to float rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax
@@ -30,6 +29,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlrep import late_interaction, losses, optim, param_groups
+from vlrep.ema import ema_decay, ema_init, ema_update
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
 from vlrep.models.text import parallel_rows
 from vlrep.parallel import sharding
@@ -99,40 +99,6 @@ class TrainState:
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
-def ema_decay(optim_config: ml_collections.ConfigDict) -> float:
-  """`optim.ema_decay`, checked: 0 (off) or in (0, 1)."""
-  decay = float(optim_config.ema_decay)
-  if not 0.0 <= decay < 1.0:
-    raise ValueError(f'optim.ema_decay must be in [0, 1) (0 = no EMA), got {decay}')
-  return decay
-
-
-def ema_init(params: Any) -> Any:
-  """A float32 copy of `params` to start the EMA from (a copy: the step donates its state,
-  and two leaves sharing a buffer cannot both be donated)."""
-  return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
-
-
-def ema_update(ema: Any, params: Any, decay: float, count: jax.Array) -> Any:
-  """The EMA after its `count`-th update (1-based), which averages in `params`.
-
-  Bias-corrected as Adam's moments are: the result is the average of the parameters after
-  updates 1..count weighted by decay^(count - k) and normalised, i.e. each update moves the
-  EMA by (1 - decay) / (1 - decay^count) of the way to `params` (all of it at count 1).
-  Without the correction a 0.9999 EMA started at the initial parameters is still 37% random
-  initialisation after 10k steps, which early evaluations and checkpoints would measure;
-  unlike a warmup such as min(decay, (1 + t) / (10 + t)) it adds no constant to choose.
-  Kept in float32 whatever the parameters' dtype: a bfloat16 EMA would round away moves of
-  (1 - decay) of the distance and never change.
-  """
-  # (1 - decay) / (1 - decay^count) through expm1, accurate for decay near 1; both in float32
-  # so that the weight is exactly 1, and the EMA exactly `params`, at count 1.
-  log_decay = jnp.float32(math.log(decay))
-  weight = jnp.expm1(log_decay) / jnp.expm1(count.astype(jnp.float32) * log_decay)
-  return jax.tree.map(lambda e, p: (1 - weight) * e + weight * p.astype(jnp.float32),
-                      ema, params)
-
-
 def _contrastive(embeddings: dict[str, jax.Array], temperature: dict[str, jax.Array],
                  loss_config: LossConfig, mesh: Mesh | None) -> jax.Array:
   """The contrastive loss of the model's `CONTRASTIVE_INPUTS` outputs."""
@@ -168,21 +134,39 @@ def output_head(model: CoCa, params: Any) -> tuple[Callable[[Any, jax.Array], ja
           params['text_decoder']['output_head'])
 
 
-def _forward(model: CoCa, params: Any, batch: Batch,
-             loss_config: LossConfig) -> tuple[dict[str, jax.Array], jax.Array]:
+def _forward(model: CoCa, params: Any, batch: Batch, loss_config: LossConfig,
+             mesh: Mesh | None) -> tuple[dict[str, jax.Array], jax.Array]:
   """The model's outputs and its caption loss (0 without multimodal layers)."""
   chunk, pad_id = loss_config.caption_chunk, model.text_decoder.pad_id
   out = model.apply({'params': params}, batch['images'], batch['tokens'],
                     caption_features=chunk > 0, parallel_rows=batch.get('parallel'))
   if 'caption_features' in out:
     head, head_params = output_head(model, params)
-    caption = losses.chunked_caption_loss(out['caption_features'], batch['tokens'], head,
-                                          head_params, chunk, pad_id)
+    caption = _chunked_caption_loss(out['caption_features'], batch['tokens'], head,
+                                    head_params, loss_config, pad_id, mesh)
   elif 'caption_logits' in out:
     caption = losses.caption_loss(out['caption_logits'], batch['tokens'], pad_id)
   else:
     caption = jnp.zeros((), jnp.float32)
   return out, caption
+
+
+def _chunked_caption_loss(features: jax.Array, tokens: jax.Array, head: Callable[..., Any],
+                          head_params: Any, loss_config: LossConfig, pad_id: int,
+                          mesh: Mesh | None) -> jax.Array:
+  """`losses.chunked_caption_loss` taken per shard of the batch axes and summed, so that the
+  output head's gradient, which the loss accumulates slice by slice, is reduced once after
+  the slices rather than in each (`sharding.per_batch_shard`); the head is one matrix, so its
+  unreduced gradient on every device costs little."""
+  def token_count(tokens):
+    return jnp.maximum(jnp.sum(tokens[:, 1:] != pad_id), 1).astype(jnp.float32)
+
+  def shard_sum(features, tokens, head_params):
+    return token_count(tokens) * losses.chunked_caption_loss(
+        features, tokens, head, head_params, loss_config.caption_chunk, pad_id)
+  sums = sharding.per_batch_shard(shard_sum, mesh, (0, 0, None), sharding.BATCH_AXES)(
+      features, tokens, head_params)
+  return jnp.sum(sums) / token_count(tokens)
 
 
 def _with_parallel_rows(batch: Batch, loss_config: LossConfig) -> Batch:
@@ -198,7 +182,8 @@ def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConf
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted total loss and its parts (and the temperature) for one global batch; a
   captioning-only model's contrastive loss is 0."""
-  out, caption = _forward(model, params, _with_parallel_rows(batch, loss_config), loss_config)
+  out, caption = _forward(model, params, _with_parallel_rows(batch, loss_config), loss_config,
+                          mesh)
   temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}
   contrastive = _contrastive(out, temperature, loss_config, mesh) if model.contrastive else \
       jnp.zeros((), jnp.float32)
@@ -266,25 +251,37 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
   pad_id = model.text_decoder.pad_id
   targets = jnp.maximum(jnp.sum(batch['tokens'][:, 1:] != pad_id), 1).astype(jnp.float32)
 
+  def surrogate(params, mb, embedding_grads):
+    # No nested split for the caption loss: XLA's partitioner fails a check on a shard_map
+    # over `fsdp` inside one over `data`, so here the head's gradient is reduced over `fsdp`
+    # per slice.
+    out, caption = _forward(model, trainable(params), mb, config, mesh=None)
+    value = 0.0 if embedding_grads is None else config.contrastive_weight * sum(
+        jnp.sum(out[k] * g) for k, g in embedding_grads.items())
+    caption_sum = jnp.zeros((), jnp.float32)
+    if has_caption:
+      count = jnp.sum(mb['tokens'][:, 1:] != pad_id).astype(jnp.float32)
+      caption_sum = caption * count
+    return value + config.caption_weight * caption_sum / targets, caption_sum
+
+  # Gradients per shard of `data`, accumulated unreduced over the microbatches and summed
+  # once after them (`sharding.per_batch_shard`). Over `fsdp` they are still reduce-scattered
+  # per microbatch: an unreduced accumulator there would be the whole gradient on every
+  # device, which FSDP exists to avoid.
+  shard_grads = sharding.per_batch_shard(jax.grad(surrogate, has_aux=True), mesh, (None, 0, 0))
+
   def accumulate(carry, xs):
-    mb, embedding_grads = xs
-
-    def surrogate(params):
-      out, caption = _forward(model, trainable(params), mb, config)
-      value = 0.0 if embedding_grads is None else config.contrastive_weight * sum(
-          jnp.sum(out[k] * g) for k, g in embedding_grads.items())
-      caption_sum = jnp.zeros((), jnp.float32)
-      if has_caption:
-        count = jnp.sum(mb['tokens'][:, 1:] != pad_id).astype(jnp.float32)
-        caption_sum = caption * count
-      return value + config.caption_weight * caption_sum / targets, caption_sum
-
-    micro_grads, caption_sum = jax.grad(surrogate, has_aux=True)(params)
+    micro_grads, caption_sum = shard_grads(params, *xs)
     grads, caption_total = carry
-    return (jax.tree.map(jnp.add, grads, micro_grads), caption_total + caption_sum), None
+    grads = sharding.constrain_batch_shards(jax.tree.map(jnp.add, grads, micro_grads), mesh)
+    return (grads, caption_total + jnp.sum(caption_sum)), None
 
-  (grads, caption_total), _ = jax.lax.scan(
-      accumulate, (grads, jnp.zeros((), jnp.float32)), (micro, embedding_grads))
+  shards = 1 if mesh is None else mesh.shape['data']
+  zeros = sharding.constrain_batch_shards(
+      jax.tree.map(lambda p: jnp.zeros((shards, *p.shape), p.dtype), params), mesh)
+  (accumulated, caption_total), _ = jax.lax.scan(
+      accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, embedding_grads))
+  grads = jax.tree.map(lambda g, a: g + a.sum(0), grads, accumulated)
   return _metrics(contrastive, caption_total / targets, temperature, config), grads
 
 

@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import losses, step as step_lib
+from vlrep import ema, losses, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -179,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif config.init_from:  # only a fresh run: a resumed one continues from its own
     params = init_from.load_params(config.init_from, state.params, config)
     state = state.replace(params=params, ema_params=None if state.ema_params is None
-                          else step_lib.ema_init(params))
+                          else ema.ema_init(params))
     logging.info('parameters initialised from %s', config.init_from)
   start = int(state.step)
 

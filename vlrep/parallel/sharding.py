@@ -12,7 +12,7 @@ interconnect, and only the axes named by `mesh.dcn_*` across slices or hosts.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -178,6 +178,49 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 def constrain_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
   """Microbatches [K, B/K, ...]: each one spread over the batch axes like a whole batch."""
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
+
+
+def per_batch_shard(fn: Callable[..., Any], mesh: Mesh | None, in_axes: tuple[int | None, ...],
+                    axes: tuple[str, ...] = ('data',)) -> Callable[..., Any]:
+  """`fn` run on each shard of the batch over mesh `axes` (some of `BATCH_AXES`) on its own,
+  its outputs stacked on a new leading axis of that many shards.
+
+  Arguments with `in_axes` 0 are batches [B, ...] sharded over the batch axes: each shard of
+  `axes` gets the rows its devices hold, so nothing moves; arguments with `in_axes` None are
+  passed whole. `fn` runs under `shard_map` manual over `axes` only (the other axes stay
+  XLA's to partition); inside it `batch` activations map to the batch axes not in `axes`. Why: a gradient taken per shard is a local
+  sum, so one accumulated over a loop (microbatches, caption slices) needs no reduction over
+  `axes` until the caller sums the [S] axis once, where XLA reduces it in every iteration.
+  """
+  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
+  # XLA's SPMD partitioner fails a check (spmd_partitioner_util.cc, jax 0.10.2) on a
+  # shard_map manual over some axes that leaves two or more others of size > 1 to it: `fn`
+  # then runs whole, with the same result, reduced in each iteration as before.
+  auto = [a for a in MESH_AXES if a not in axes and mesh is not None and mesh.shape[a] > 1]
+  if shards == 1 or len(auto) > 1:
+    return lambda *args: jax.tree.map(lambda x: x[None], fn(*args))
+  rest = tuple(a for a in BATCH_AXES if a not in axes) or None
+  inner_rules = tuple((name, rest) if name == 'batch' else (name, mesh_axes)
+                      for name, mesh_axes in LOGICAL_RULES)
+
+  def local(*args):
+    with nn.logical_axis_rules(inner_rules):
+      out = fn(*args)
+    return jax.tree.map(lambda x: x[None], out)
+  in_specs = tuple(PartitionSpec(axes) if axis == 0 else PartitionSpec() for axis in in_axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(axes),
+                       axis_names=frozenset(axes), check_vma=False)
+
+
+def constrain_batch_shards(tree: Any, mesh: Mesh | None, axes: tuple[str, ...] = ('data',)
+                           ) -> Any:
+  """Arrays [S, ...] from `per_batch_shard`: the leading axis on `axes`, the rest as XLA
+  propagates (a parameter's own sharding), so an accumulator of them stays per shard."""
+  if mesh is None or all(mesh.shape[a] == 1 for a in axes):
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, PartitionSpec(axes, *[PartitionSpec.UNCONSTRAINED] *
+                                           (x.ndim - 1)))), tree)
 
 
 def batch_devices(mesh: Mesh) -> int:

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vlrep import step as step_lib
+from vlrep.ema import ema_init
 from vlrep.parallel import sharding
 from vlrep.runtime import paths
 from vlrep.weights import export
@@ -137,7 +138,7 @@ class Checkpointer:
         ema = restored[EMA_ITEM]
       else:
         logging.warning('checkpoint %d has no EMA of the parameters: it starts at them', step)
-        ema = step_lib.ema_init(restored.params)
+        ema = ema_init(restored.params)
     return state.replace(step=restored.state['step'], params=restored.params,
                          opt_state=restored.state['opt_state'], ema_params=ema)
 
