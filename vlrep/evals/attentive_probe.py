@@ -18,8 +18,8 @@ probe and its accuracy, are the same on any device or process count up to float 
 
 Host memory: the train and test tokens are held whole, (train + test examples) x N x W
 bfloat16 values (2 bytes each; N tokens of width W per image): 33 MB for the demo's
-2 x 1,000 examples at 64 tokens x 128, 2.5 GB for 10,000 ImageNet images at base size
-(324 tokens x 768 at 288 px). `train_examples` is the knob.
+2 x 1,000 examples at 64 tokens x 128, 3.9 GB for 10,000 ImageNet images at base size
+(256 tokens x 768: 288 px in 18 px patches). `train_examples` is the knob.
 """
 
 from __future__ import annotations
