@@ -60,7 +60,7 @@ def _probe_config(config, **fields):
 def test_attentive_probe_beats_the_linear_probe_on_shape(models):
   config, on = models
   results = Evaluator(_probe_config(config))(on['eight'])
-  # Measured: 0.51 against 0.41 (chance under the multi-label rule is about 0.36).
+  # Measured: 0.49 against 0.345 (chance under the multi-label rule is about 0.36).
   assert results['attentive/accuracy'] > results['linear/accuracy'] + 0.05, results
 
 
