@@ -1,8 +1,8 @@
 """`vlrep.load(workdir)` and `Pretrained`: a trained model as plain Python functions.
 
 `Pretrained` wraps a config and its parameters and exposes `tokenize`, `encode_image`,
-`encode_text`, `caption`, `zero_shot_classifier`, `zero_shot_scores`, `retrieve`, `score_texts`
-and, for FILIP models, `token_similarity_scores`; evaluators
+`image_tokens`, `encode_text`, `caption`, `zero_shot_classifier`, `zero_shot_scores`,
+`retrieve`, `score_texts` and, for FILIP models, `token_similarity_scores`; evaluators
 use the same methods, so what is measured is what users get. Inputs of any batch size are
 processed in fixed-size chunks (the last one padded), so each method compiles once per chunk
 shape. Each chunk is split over the batch axes of a device mesh (the training mesh during
@@ -44,6 +44,12 @@ CAPTION_METHODS = {
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_image(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.encode_image)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _image_tokens(model: CoCa, params: Any, images: jax.Array, dtype: Any) -> jax.Array:
+  return model.apply({'params': params}, images,
+                     method=lambda module, x: module.image_encoder(x)).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -142,6 +148,15 @@ class Pretrained:
     return in_chunks(lambda x: _encode_image(self.model, self.params, x),
                       host_inputs(images), self.batch_size, self._batch_sharding,
                       self.preprocess_images)
+
+  def image_tokens(self, images: np.ndarray | pipeline.EvalImages,
+                   dtype: Any = np.float32) -> np.ndarray:
+    """The frozen image encoder's output tokens [B, N, W] (what the model's attentional
+    poolers read; a class token, if any, first) in `dtype` (the attentive probe keeps
+    bfloat16); `images` as `encode_image` takes them."""
+    return in_chunks(lambda x: _image_tokens(self.model, self.params, x, np.dtype(dtype)),
+                     host_inputs(images), self.batch_size, self._batch_sharding,
+                     self.preprocess_images)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""

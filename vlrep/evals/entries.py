@@ -21,6 +21,11 @@ from `data` (a source string as in `config.data.*`; '' = `config.data.eval`): ex
 - `linear_probe`: `label_key`; trains on `train_data` examples `train_start ..
   train_start+train_examples`, holding out the last `val_fraction` of them to choose the L2
   strength among `l2_grid`, then retrains on all of them; `steps` of L-BFGS.
+- `attentive_probe`: `label_key` and the data fields of `linear_probe`; a new attentional
+  pooler (`queries` learned queries, `heads` heads, 0 = the image encoder's) and a linear
+  head trained on the frozen image tokens for `steps` AdamW minibatches of `batch_size`
+  (peak `learning_rate`, warmup then cosine; `weight_decay`; init and order from `seed`),
+  see `vlrep/evals/attentive_probe.py`.
 
 This module imports no JAX, so config files can import it.
 """
@@ -46,7 +51,12 @@ FIELDS: dict[str, dict[str, Any]] = {
     'linear_probe': {'label_key': 'label', 'train_data': '', 'train_start': 0,
                      'train_examples': 10_000, 'val_fraction': 0.2,
                      'l2_grid': (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), 'steps': 200},
+    'attentive_probe': {'label_key': 'label', 'train_data': '', 'train_start': 0,
+                        'train_examples': 10_000, 'steps': 300, 'learning_rate': 3e-3,
+                        'batch_size': 256, 'weight_decay': 1e-4, 'queries': 1, 'heads': 0,
+                        'seed': 0},
 }
+PROBES = ('linear_probe', 'attentive_probe')  # trained on `train_data`, scored on `data`
 TYPES = tuple(FIELDS)
 
 
@@ -88,6 +98,16 @@ def check(name: str, config: Any) -> None:
     if not 0 < config.val_fraction < 1 or not config.l2_grid or config.train_examples < 2:
       raise ValueError(f'evals.{name}: needs 0 < val_fraction < 1, a non-empty l2_grid '
                        'and train_examples >= 2')
+  if config.type == 'attentive_probe':
+    for field in ('steps', 'batch_size', 'queries', 'train_examples'):
+      if config[field] < 1:
+        raise ValueError(f'evals.{name}.{field} must be >= 1, got {config[field]}')
+    if config.heads < 0:
+      raise ValueError(f'evals.{name}.heads must be >= 0 (0: the image encoder\'s), got '
+                       f'{config.heads}')
+    if not config.learning_rate > 0 or config.weight_decay < 0:
+      raise ValueError(f'evals.{name}: needs learning_rate > 0 and weight_decay >= 0, got '
+                       f'{config.learning_rate} and {config.weight_decay}')
 
 
 def synthetic_evals(captioning: bool = True) -> ml_collections.ConfigDict:

@@ -56,12 +56,13 @@ def _fit(x: jax.Array, targets: jax.Array, weights: jax.Array, l2: jax.Array,
   return params
 
 
-def _targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+def soft_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """float32 [N, C] target distributions: one-hot of indices [N], normalised multi-hot [N, C]."""
   if labels.ndim == 1:
     return np.eye(num_classes, dtype=np.float32)[labels]
   labels = labels.astype(np.float32)
   if (labels.sum(axis=1) == 0).any():
-    raise ValueError('linear probe: an example has no positive label')
+    raise ValueError('probe: an example has no positive label')
   return labels / labels.sum(axis=1, keepdims=True)
 
 
@@ -88,7 +89,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   l2s = np.asarray(tuple(l2_grid) * 2, np.float32)
   weights = np.ones((len(l2s), len(train_x)), np.float32)
   weights[:len(l2_grid), fit:] = 0
-  params = _fit(jnp.asarray(train_x), jnp.asarray(_targets(train_y, num_classes)),
+  params = _fit(jnp.asarray(train_x), jnp.asarray(soft_targets(train_y, num_classes)),
                 jnp.asarray(weights), jnp.asarray(l2s), steps)
   w, b = np.asarray(params['w']), np.asarray(params['b'])
   val_accuracy = [topk_hits(train_x[fit:] @ w[i] + b[i], train_y[fit:], 1)

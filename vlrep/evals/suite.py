@@ -5,7 +5,8 @@ once; `evaluator(model)` runs them on a `Pretrained` model and returns flat
 `{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot, by embeddings or by
 caption likelihood), `<name>/i2t_r@K`,
 `<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match}_{greedy,beam}` (captioning),
-`<name>/accuracy` and the chosen `<name>/l2` (linear probe). A FILIP model
+`<name>/accuracy` and the chosen `<name>/l2` (linear probe), `<name>/accuracy` (attentive
+probe, on the frozen image tokens). A FILIP model
 (`loss.contrastive_similarity='token'`) ranks by its token-wise similarity in zero-shot and
 retrieval (`Pretrained.zero_shot_scores`, `token_similarity_scores`), streaming the images
 for each entry, as its patch embeddings are too large to keep; probes read its vectors.
@@ -34,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from vlrep.data import pipeline
-from vlrep.evals import captioning, entries, probe, retrieval, zeroshot
+from vlrep.evals import attentive_probe, captioning, entries, probe, retrieval, zeroshot
 from vlrep.pretrained import Pretrained
 
 _Key = tuple[str, int, str]  # (source string, start, TFDS label key or '')
@@ -58,6 +59,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         # Records carry their labels: the first one shows whether this one exists.
         pipeline.select_label({**source[0], 'zero_shot_tasks': {}}, label_key,
                               spec or config.data.eval)
+    if entry.type == 'attentive_probe' and config.model.vision.width % _heads(entry, config):
+      raise ValueError(f'evals.{name}.heads={entry.heads} does not divide the image tokens\' '
+                       f'width, model.vision.width={config.model.vision.width}')
 
 
 class _Examples:
@@ -214,9 +218,28 @@ def _linear_probe(name: str, entry: Any, data: _Examples, model: Pretrained) -> 
   return {f'{name}/accuracy': out['accuracy'], f'{name}/l2': out['l2']}
 
 
+def _heads(entry: Any, config: ml_collections.ConfigDict) -> int:
+  return entry.heads or config.model.vision.heads
+
+
+def _attentive_probe(name: str, entry: Any, data: _Examples,
+                     model: Pretrained) -> dict[str, float]:
+  train_data = entry.train_data or entry.data
+  test = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  train = data.get(train_data, entry.train_start, entry.train_examples, entry.label_key)
+  tokens = lambda images: model.image_tokens(images, attentive_probe.HOST_DTYPE)
+  out = attentive_probe.attentive_probe(
+      tokens(train['images']), train['label'], tokens(test['images']), test['label'],
+      model.mesh, queries=entry.queries, heads=_heads(entry, model.config), steps=entry.steps,
+      learning_rate=entry.learning_rate, batch_size=entry.batch_size,
+      weight_decay=entry.weight_decay, seed=entry.seed, chunk=model.batch_size)
+  return {f'{name}/accuracy': out['accuracy']}
+
+
 _RUN: dict[str, Callable[[str, Any, _Examples, Pretrained], dict[str, float]]] = {
     'zeroshot': _zeroshot, 'zeroshot_scoring': _zeroshot_scoring, 'retrieval': _retrieval,
-    'captioning': _captioning, 'linear_probe': _linear_probe}
+    'captioning': _captioning, 'linear_probe': _linear_probe,
+    'attentive_probe': _attentive_probe}
 
 
 def _check_probe_overlap(name: str, entry: Any, config: ml_collections.ConfigDict) -> None:
@@ -239,7 +262,7 @@ class Evaluator:
     for name, entry in self.entries.items():
       label_key = entry.get('label_key', '')
       self._data.request(entry.data, entry.start, entry.num_examples, label_key)
-      if entry.type == 'linear_probe':
+      if entry.type in entries.PROBES:
         _check_probe_overlap(name, entry, config)
         self._data.request(entry.train_data or entry.data, entry.train_start,
                            entry.train_examples, label_key)
