@@ -75,7 +75,7 @@ def test_one_device_and_eight_train_the_same_probe(models):
   # A minibatch of 10 on 8 devices is padded to 16 rows of weight 0.
   fit = {n: ap.attentive_probe(tokens['eight'][:14], labels[:14], tokens['eight'][14:],
                                labels[14:], m.mesh, queries=2, heads=2, steps=5, batch_size=10,
-                               chunk=8)
+                               learning_rate=3e-3, weight_decay=1e-4, seed=0, chunk=8)
          for n, m in on.items()}
   assert fit['one']['accuracy'] == fit['eight']['accuracy']
   assert len(jax.tree.leaves(fit['one']['params'])) > 10

@@ -134,11 +134,11 @@ def predict(probe: Probe, params: Any, tokens: np.ndarray, mesh: jax.sharding.Me
 
 
 def attentive_probe(train_tokens: np.ndarray, train_y: np.ndarray, test_tokens: np.ndarray,
-                    test_y: np.ndarray, mesh: jax.sharding.Mesh, *, queries: int = 1,
-                    heads: int = 1, steps: int = 300, learning_rate: float = 3e-3,
-                    batch_size: int = 256, weight_decay: float = 1e-4, seed: int = 0,
-                    chunk: int = 256) -> dict[str, Any]:
-  """{'accuracy': test top-1, 'params': the trained probe's (host numpy tree)}.
+                    test_y: np.ndarray, mesh: jax.sharding.Mesh, *, queries: int,
+                    heads: int, steps: int, learning_rate: float, batch_size: int,
+                    weight_decay: float, seed: int, chunk: int) -> dict[str, Any]:
+  """{'accuracy': test top-1, 'params': the trained probe's (host numpy tree)}; the options
+  are the `attentive_probe` entry's (defaults in `vlrep/evals/entries.py`).
 
   Tokens are [M, N, W] (any float dtype; `HOST_DTYPE` keeps them small); labels class
   indices [M] or multi-hot [M, C]. `chunk` is a multiple of the mesh's batch devices.
