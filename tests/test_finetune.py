@@ -148,6 +148,17 @@ def test_classification_config_errors_name_the_field(config):
   pretrain.model.num_classes = 4  # read only by loss.kind='classification'
   assert 'classifier' not in jax.eval_shape(
       lambda: step.init_params(build_model(pretrain), pretrain, jax.random.key(0)))
+  # The head with an attentional pooler of its own (shapes only: nothing compiles).
+  config.data.label_key, config.model.classifier_pool = 'labels/shape', 'attn'
+  model = build_model(config)
+  params = jax.eval_shape(lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))
+  assert set(params['classifier']) == {'pooler', 'head'}
+  logits = jax.eval_shape(lambda p, x: model.apply({'params': p}, x, method=type(model).classify),
+                          params, jax.ShapeDtypeStruct((3, 16, 16, 3), np.uint8))
+  assert logits.shape == (3, 4) and logits.dtype == np.float32
+  config.model.classifier_pool = 'mean'
+  with pytest.raises(ValueError, match="model.classifier_pool='mean'"):
+    build_model(config)
 
 
 def test_distinct_captions_fraction():

@@ -1,4 +1,4 @@
-"""Fine-tuning for classification: the loss `train_step` minimises with `loss.kind='classification'`.
+"""Fine-tuning for classification: what `train_step` minimises with `loss.kind='classification'`.
 
 The same step, optimizer and loop as pretraining (per-group rates, freezing, EMA and
 checkpoints included); only the objective differs: softmax cross-entropy of the

@@ -204,8 +204,8 @@ def finetune(arg: str = 'classification') -> ml_collections.ConfigDict:
 
   KIND 'classification': a classification head (`model.classifier_pool`, here on the image
   embedding) trained with cross-entropy on `data.label_key` (the synthetic set's shapes,
-  multi-hot) with layer-wise rate decay over the image tower, the text side frozen;
-  evaluated by the head's top-1 on held-out examples. KIND 'caption': the captioner alone
+  multi-hot) at 10x the rate, with layer-wise rate decay over the image tower, the text side
+  frozen; evaluated by the head's top-1 on held-out examples. KIND 'caption': the captioner alone
   (contrastive weight 0, the contrastive-only parameters frozen), evaluated by CIDEr and
   the fraction of distinct captions on held-out images; `data.train` / `data.eval` name
   the data (COCO-format captions ingested with `vlrep.data.ingest`, or the synthetic set).
@@ -221,7 +221,10 @@ def finetune(arg: str = 'classification') -> ml_collections.ConfigDict:
     set_fields(c, {'loss.kind': 'classification',
                    'model.num_classes': len(synthetic.SHAPES),
                    'data.label_key': 'labels/shape', 'init_from_exclude': ('classifier/.*',),
-                   'optim.freeze': TEXT_SIDE, 'optim.layer_decay': 0.75})
+                   'optim.freeze': TEXT_SIDE, 'optim.layer_decay': 0.75,
+                   # The head reads a unit vector: at 10x the rate its logits can grow to a
+                   # confident scale within a short run.
+                   'optim.lr_multipliers': ('classifier/.*=10',)})
     evals.classification_shape = entries.entry('classification', label_key='labels/shape')
   else:
     set_fields(c, {'loss.contrastive_weight': 0.0, 'loss.caption_weight': 1.0,

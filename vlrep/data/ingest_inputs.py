@@ -4,10 +4,11 @@ A CSV/TSV with `image` and `caption` columns (image paths relative to the file; 
 an image add captions to one sample), a folder of images with same-named `.txt` caption files
 (one caption a line), a COCO-format captions JSON (`{"images": [{"id", "file_name"}],
 "annotations": [{"image_id", "caption"}]}`, `coco_samples`), or a brace-and-glob pattern of
-webdataset tar shards as img2dataset writes them (`key.jpg`, `key.txt`, `key.json`). Listing is cheap and in input order (CSV
-rows, sorted paths): files are only named here and read by the validating workers, except tar
-members, which carry their bytes. Nothing is decoded or validated; a row already known to be
-broken becomes a `Sample` with its skip reason, or, where it has no key, a count in `skipped`.
+webdataset tar shards as img2dataset writes them (`key.jpg`, `key.txt`, `key.json`). Listing is
+cheap and in input order (CSV rows, COCO's images list, sorted paths): files are only named here
+and read by the validating workers, except tar members, which carry their bytes. Nothing is
+decoded or validated; a row already known to be broken becomes a `Sample` with its skip reason,
+or, where it has no key, a count in `skipped`.
 """
 
 from __future__ import annotations
