@@ -161,6 +161,12 @@ def test_classification_config_errors_name_the_field(config):
     build_model(config)
 
 
+def test_unknown_fine_tuning_is_named():
+  with pytest.raises(ValueError, match="Unknown fine-tuning 'detect'"):
+    load_config('finetune', 'detect')
+  assert load_config('finetune', 'caption@base').model.vision.width == 768
+
+
 def test_distinct_captions_fraction():
   assert captioning.distinct_fraction({0: 'a red circle', 1: 'A red circle.', 2: 'a square',
                                        3: 'a red  circle'}) == 0.5
