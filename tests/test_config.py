@@ -17,7 +17,8 @@ def _run(module, *args):
 
 @pytest.mark.parametrize('name, variant', [('coca', v) for v in
                                             ('tiny', 'small', 'base', 'large', 'giant')] +
-                         [('clip', 'tiny'), ('siglip', 'tiny'), ('lit', 'tiny'), ('lit', 'base')])
+                         [('clip', 'tiny'), ('siglip', 'tiny'), ('lit', 'tiny'), ('lit', 'base'),
+                          ('finetune', 'classification'), ('finetune', 'caption@base')])
 def test_variants_are_locked_config_dicts(name, variant):
   config = load_config(name, variant)
   assert config.is_locked

@@ -122,6 +122,12 @@ def defaults() -> ml_collections.ConfigDict:
   # projections, temperature and text [CLS], so that no parameter sits unused; it needs
   # loss.contrastive_weight 0, and its image vector (probes) is the encoder tokens' mean.
   c.model.contrastive = True
+  # The classification head (vlrep/models/classifier.py), built only for
+  # loss.kind='classification': num_classes outputs on 'embedding' (the image embedding
+  # that contrastive and probe evaluations read) or 'attn' (an attentional pooler of its own
+  # over the encoder's tokens, any family). Other runs keep their parameter trees unchanged.
+  c.model.num_classes = 0
+  c.model.classifier_pool = 'embedding'
   # MLP activation everywhere: 'gelu_tanh' | 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP).
   c.model.activation = 'gelu_tanh'
   # LayerNorm epsilon of the poolers and the multimodal half (the towers have their own).
@@ -162,7 +168,11 @@ def defaults() -> ml_collections.ConfigDict:
       # the batch, vlrep/models/text.py `parallel_rows`) read a learned [MASK] at every
       # decoder position with no causal mask, and predict the whole caption at once from the
       # image; the rest are teacher-forced. Needs model.contrastive=False. 0 = off.
-      'parallel_fraction': 0.0})
+      'parallel_fraction': 0.0,
+      # What the step minimises: 'pretrain' (the weighted contrastive + caption losses above)
+      # or 'classification' (cross-entropy of the classification head's logits on the
+      # batch's data.label_key, vlrep/classification.py; fine-tuning, configs/finetune.py).
+      'kind': 'pretrain'})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'
@@ -212,6 +222,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.tfds_image_key = 'image'
   c.data.tfds_caption_key = 'captions/text'
   c.data.tfds_data_dir = ''
+  # The training examples' label, read into each batch as `label` when set: a key of the
+  # source's examples (the synthetic set's multi-hot 'labels/<task>'; a field of an
+  # ArrayRecord record) or a TFDS feature (a ClassLabel: its index). '' = none (pretraining).
+  c.data.label_key = ''
   # Threads that draw/decode examples ahead of the step, and worker processes (grain
   # mp_prefetch) that decode batches ahead (-1 = none, in this process). 0 = chosen from the
   # host's cores (vlrep.data.pipeline.input_workers; `vlrep.data.bench` prints the choice):

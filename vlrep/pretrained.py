@@ -53,6 +53,11 @@ def _image_tokens(model: CoCa, params: Any, images: jax.Array, dtype: Any) -> ja
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _classify(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
+  return model.apply({'params': params}, images, method=CoCa.classify)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _encode_text(model: CoCa, params: Any, tokens: jax.Array) -> jax.Array:
   return model.apply({'params': params}, tokens, method=CoCa.encode_text)[0]
 
@@ -157,6 +162,15 @@ class Pretrained:
     return in_chunks(lambda x: _image_tokens(self.model, self.params, x, np.dtype(dtype)),
                      host_inputs(images), self.batch_size, self._batch_sharding,
                      self.preprocess_images)
+
+  def classify(self, images: np.ndarray | pipeline.EvalImages) -> np.ndarray:
+    """Logits float32 [B, model.num_classes] of a classification fine-tune's head
+    (`loss.kind='classification'`); `images` as `encode_image` takes them."""
+    if not self.model.num_classes:
+      raise ValueError("this model has no classification head (it is built for "
+                       "loss.kind='classification' with model.num_classes > 0)")
+    return in_chunks(lambda x: _classify(self.model, self.params, x), host_inputs(images),
+                     self.batch_size, self._batch_sharding, self.preprocess_images)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""

@@ -28,7 +28,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlrep import late_interaction, losses, optim, param_groups
+from vlrep import classification, late_interaction, losses, optim, param_groups
 from vlrep.ema import ema_decay, ema_init, ema_update
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
 from vlrep.models.text import parallel_rows
@@ -57,6 +57,7 @@ class LossConfig:
   # The fraction of each batch's rows predicted in parallel from [MASK] inputs (CapPa;
   # `text.parallel_rows`); 0 = every row autoregressive.
   parallel_fraction: float = 0.0
+  kind: str = 'pretrain'  # or 'classification' (`vlrep.classification`)
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> 'LossConfig':
@@ -75,7 +76,8 @@ class LossConfig:
                contrastive_type=loss.contrastive_type, contrastive_impl=loss.contrastive_impl,
                contrastive_similarity=loss.contrastive_similarity,
                token_similarity_chunk=token_similarity_chunk,
-               caption_chunk=caption_chunk, parallel_fraction=parallel_fraction)
+               caption_chunk=caption_chunk, parallel_fraction=parallel_fraction,
+               kind=classification.check_kind(loss.kind))
 
 
 @flax.struct.dataclass
@@ -181,7 +183,9 @@ def _with_parallel_rows(batch: Batch, loss_config: LossConfig) -> Batch:
 def compute_losses(model: CoCa, params: Any, batch: Batch, loss_config: LossConfig,
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted total loss and its parts (and the temperature) for one global batch; a
-  captioning-only model's contrastive loss is 0."""
+  captioning-only model's contrastive loss is 0; `kind='classification'` dispatches."""
+  if loss_config.kind == 'classification':
+    return classification.compute_losses(model, params, batch)
   out, caption = _forward(model, params, _with_parallel_rows(batch, loss_config), loss_config,
                           mesh)
   temperature = {k: out[k] for k in TEMPERATURE_KEYS if k in out}

@@ -20,7 +20,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlrep import ema, losses, step as step_lib
+from vlrep import classification, ema, losses, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
@@ -69,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   make_optimizer(config.optim, config.total_steps)  # raises on a field it would ignore
   profile_steps(config)
   init_from.check_config(config)
-  pipeline.source_from_config(config, config.data.train)
+  classification.check_config(config, pipeline.source_from_config(config, config.data.train))
   if config.eval_every_steps:
     check_evals(config)
 
@@ -139,10 +139,12 @@ def _format_duration(seconds: float) -> str:
 
 
 def _log_progress(step: int, total: int, metrics: dict[str, float], eta_s: float) -> None:
-  # A captioning-only model has no temperature: nan rather than a made-up scale.
+  # A captioning-only model has no temperature, a classification fine-tune no contrastive or
+  # caption loss: nan rather than made-up numbers.
+  part = lambda name: metrics.get(f'train/{name}', float('nan'))
   logging.info('step %d/%d | loss %.4f (contrastive %.4f, caption %.4f) | lr %.2e | '
                'scale %.1f | %.0f ex/s | ETA %s', step, total, metrics['train/loss'],
-               metrics['train/contrastive_loss'], metrics['train/caption_loss'],
+               part('contrastive_loss'), part('caption_loss'),
                metrics['train/learning_rate'], metrics.get('train/logit_scale', float('nan')),
                metrics['train/examples_per_s'], _format_duration(eta_s))
 

@@ -4,8 +4,8 @@
 tables; `coca(variant)` applies a size and its recipe to `config.defaults()`, and
 `RECIPE@SIZE` (e.g. `base@tiny`) trains SIZE with RECIPE's recipe. The other families are
 CoCa with parts switched: `clip`, `siglip`, `lit` (CLIP with a locked image side), `filip`
-(CLIP with token-wise similarity), `cap` and `cappa` (captioning only). The files in
-`configs/` call these.
+(CLIP with token-wise similarity), `cap` and `cappa` (captioning only); `finetune` starts a
+run from another's weights to classify or to caption. The files in `configs/` call these.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from vlrep.config import defaults, set_fields
+from vlrep.data import synthetic
 from vlrep.evals import entries
 
 
@@ -185,4 +186,51 @@ def filip(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c = clip(variant)
   set_fields(c, {'model.pooler': 'none', 'model.image_pool': 'avg',
                  'loss.contrastive_similarity': 'token'})
+  return c
+
+
+# The text side of a CoCa, which classifying images never reads; and the parameters that
+# serve the contrastive loss alone, which a captioning fine-tune (contrastive weight 0) never
+# reads. Frozen, so that weight decay does not wear them away while they get no gradient.
+TEXT_SIDE = ('text_decoder/.*', 'text_projection/.*', 'logit_scale')
+CONTRASTIVE_ONLY = ('contrastive_pooler/.*', 'image_projection/.*', 'text_projection/.*',
+                    'logit_scale', 'text_decoder/cls_embed', 'text_decoder/ln_cls/.*')
+FINETUNE_KINDS = ('classification', 'caption')
+
+
+def finetune(arg: str = 'classification') -> ml_collections.ConfigDict:
+  """`configs/finetune.py:KIND[@VARIANT]`: CoCa's VARIANT (default tiny) fine-tuned from
+  `init_from` through the one train loop.
+
+  KIND 'classification': a classification head (`model.classifier_pool`, here on the image
+  embedding) trained with cross-entropy on `data.label_key` (the synthetic set's shapes,
+  multi-hot) at 10x the rate, with layer-wise rate decay over the image tower, the text side
+  frozen; evaluated by the head's top-1 on held-out examples. KIND 'caption': the captioner alone
+  (contrastive weight 0, the contrastive-only parameters frozen), evaluated by CIDEr and
+  the fraction of distinct captions on held-out images; `data.train` / `data.eval` name
+  the data (COCO-format captions ingested with `vlrep.data.ingest`, or the synthetic set).
+  """
+  kind, _, variant = arg.partition('@')
+  if kind not in FINETUNE_KINDS:
+    raise ValueError(f'Unknown fine-tuning {kind!r}; known: {FINETUNE_KINDS} (KIND[@VARIANT])')
+  c = coca(variant or 'tiny')
+  set_fields(c, {'total_steps': 300, 'checkpoint_every_steps': 300, 'eval_every_steps': 300,
+                 'log_every_steps': 50, 'optim.warmup_steps': 30})
+  evals = ml_collections.ConfigDict()
+  if kind == 'classification':
+    set_fields(c, {'loss.kind': 'classification',
+                   'model.num_classes': len(synthetic.SHAPES),
+                   'data.label_key': 'labels/shape', 'init_from_exclude': ('classifier/.*',),
+                   'optim.freeze': TEXT_SIDE, 'optim.layer_decay': 0.75,
+                   # The head reads a unit vector: at 10x the rate its logits can grow to a
+                   # confident scale within a short run.
+                   'optim.lr_multipliers': ('classifier/.*=10',)})
+    evals.classification_shape = entries.entry('classification', label_key='labels/shape')
+  else:
+    set_fields(c, {'loss.contrastive_weight': 0.0, 'loss.caption_weight': 1.0,
+                   'optim.freeze': CONTRASTIVE_ONLY, 'optim.learning_rate': 5e-4})
+    evals.captioning = entries.entry('captioning', num_examples=250, methods=('greedy',))
+  c.evals = evals
+  c.unlock()
+  c.lock()
   return c

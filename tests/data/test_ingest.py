@@ -1,4 +1,5 @@
-"""Tests of `vlrep.data.ingest`: CSV, folder and webdataset-tar inputs, and every broken row."""
+"""Tests of `vlrep.data.ingest`: CSV, folder, COCO-format and webdataset-tar inputs, and every
+broken row."""
 
 import io
 import json
@@ -73,6 +74,53 @@ def test_csv_groups_captions_and_resolves_paths_from_the_csv(tmp_path):
       'source': str(tmp_path / 'data/pairs.csv'), 'format': 'csv', 'records': 2,
       'captions': 3, 'skipped': {}, 'dropped_captions': {'duplicate_caption': 1},
       'shards': ['data-00000-of-00001.array_record'], 'created_with': 'vlrep.data.ingest'}
+
+
+def _coco(root, images, annotations, name='annotations/captions_val2017.json') -> str:
+  path = os.path.join(root, name)
+  _write(path, json.dumps({'info': {}, 'images': images, 'annotations': annotations}))
+  return path
+
+
+def test_coco_captions_json_in_coco_layout_and_beside_its_images(tmp_path):
+  """COCO's own layout (ROOT/annotations/captions_SPLIT.json, images in ROOT/SPLIT/): one
+  record per image in the file's order, its captions in annotation order; an image without
+  captions and captions of an id with no image are skipped and counted."""
+  a, b = _image_bytes(seed=1), _image_bytes('JPEG', seed=2)
+  _write(str(tmp_path / 'val2017' / '000000000139.jpg'), b)
+  _write(str(tmp_path / 'val2017' / '000000000285.png'), a)
+  _write(str(tmp_path / 'val2017' / '000000000632.png'), a)
+  path = _coco(tmp_path, [
+      {'id': 285, 'file_name': '000000000285.png', 'height': 6, 'width': 8},
+      {'id': 139, 'file_name': '000000000139.jpg'},
+      {'id': 632, 'file_name': '000000000632.png'}], [
+      {'id': 1, 'image_id': 139, 'caption': 'A woman in a kitchen. '},
+      {'id': 2, 'image_id': 285, 'caption': 'A big brown bear.'},
+      {'id': 3, 'image_id': 139, 'caption': 'A room with a table.'},
+      {'id': 4, 'image_id': 999, 'caption': 'No such image.'}])
+  assert ingest_inputs.detect_format(path) == 'coco'
+  manifest = ingest.ingest(path, str(tmp_path / 'out'), workers=1)
+  got = _read(tmp_path / 'out')
+  assert [(r['key'], r['captions']) for r in got] == [
+      ('000000000285.png', ['A big brown bear.']),
+      ('000000000139.jpg', ['A woman in a kitchen.', 'A room with a table.'])]
+  assert got[0]['image'] == a and got[1]['image'] == b
+  assert manifest['format'] == 'coco' and manifest['records'] == 2
+  assert manifest['skipped'] == {'missing_caption': 1, 'missing_image': 1}
+
+  # Any other name or folder: file names are relative to the JSON's directory.
+  _write(str(tmp_path / 'flat' / 'x.png'), a)
+  flat = _coco(tmp_path / 'flat', [{'id': 'x', 'file_name': 'x.png'}],
+               [{'image_id': 'x', 'caption': 'a caption'}], name='mine.json')
+  ingest.ingest(flat, str(tmp_path / 'out_flat'), workers=1)
+  assert [(r['key'], r['captions']) for r in _read(tmp_path / 'out_flat')] == [
+      ('x.png', ['a caption'])]
+
+  # A file that is not COCO's layout names what it lacks.
+  with pytest.raises(ValueError, match='"annotations" lists'):
+    ingest.ingest(_coco(tmp_path, [], None, name='bad.json'), str(tmp_path / 'o2'))
+  with pytest.raises(ValueError, match='has no "file_name"'):
+    ingest.ingest(_coco(tmp_path, [{'id': 1}], [], name='bad2.json'), str(tmp_path / 'o3'))
 
 
 def test_tsv_and_extra_columns(tmp_path):

@@ -92,6 +92,6 @@ def test_old_run_without_evals_gets_its_old_evaluation(run, tmp_path):
   assert sorted(results) == sorted(
       [f'zeroshot_{t}/top1' for t in ('colour', 'shape', 'count')] +
       [f'retrieval/{d}_r@{k}' for d in ('i2t', 't2i') for k in (1, 5)] +
-      [f'captioning/{m}_greedy' for m in ('cider', 'bleu4', 'exact_match')])
+      [f'captioning/{m}_greedy' for m in ('cider', 'bleu4', 'exact_match', 'distinct_captions')])
   assert json.load(open(os.path.join(workdir, 'results.json'))) == results
   assert evaluate.run_config(workdir).evals.to_dict() == entries.legacy_evals(config).to_dict()

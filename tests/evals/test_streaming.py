@@ -90,7 +90,8 @@ def test_streamed_evaluation_memory_is_bounded_and_results_unchanged(large_set):
   scores = model.encode_image(whole['images']) @ classifier.T
   assert results['zeroshot_shape/top1'] == zeroshot.topk_hits(scores, whole['label'], 1)
   assert results.keys() == {'zeroshot_shape/top1', 'captioning/cider_greedy',
-                            'captioning/bleu4_greedy', 'captioning/exact_match_greedy'}
+                            'captioning/bleu4_greedy', 'captioning/exact_match_greedy',
+                            'captioning/distinct_captions_greedy'}
   streamed = pipeline.eval_examples(config, num_examples=20, stream=True)
   np.testing.assert_array_equal(streamed['images'].read(), whole['images'][:20])
   assert model.caption(whole['images'][:20]) == [

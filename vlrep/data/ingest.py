@@ -2,18 +2,19 @@
 
 `python -m vlrep.data.ingest --input=PATH --output=DIR` accepts a CSV/TSV with `image` and
 `caption` columns (image paths relative to the file; rows repeating an image add captions to one
-record), a folder of images with same-named `.txt` caption files (one caption a line), or a glob
-of webdataset tar shards as img2dataset writes them (`key.jpg`, `key.txt`, `key.json`);
-`vlrep.data.ingest_inputs` reads these layouts into samples. Every image is validated (decoded
-in full, size-checked) in parallel worker processes and stored as its original encoded bytes in
-a `vlrep.data.records` record; broken rows are skipped and counted by reason, and only an input
-with no valid row at all is an error. The output is `DIR/data-XXXXX-of-YYYYY.array_record` plus
-`DIR/manifest.json`, and is byte-identical for the same input: records keep the input's order
-(CSV rows, sorted paths). Skip reasons: missing_image, empty_image, unreadable_image,
-not_an_image, unsupported_format, truncated_image, image_too_large, missing_caption,
-empty_caption, bad_caption_encoding, corrupt_tar_member, corrupt_tar (a shard, or its rest,
-unreadable), bad_csv_row; bad or duplicate captions beside a good one are dropped and counted
-under `dropped_captions`.
+record), a folder of images with same-named `.txt` caption files (one caption a line), a
+COCO-format captions JSON (`annotations/captions_train2017.json`: images beside it, or in
+`train2017/` for COCO's own layout), or a glob of webdataset tar shards as img2dataset writes
+them (`key.jpg`, `key.txt`, `key.json`); `vlrep.data.ingest_inputs` reads these layouts into
+samples. Every image is validated (decoded in full, size-checked) in parallel worker processes
+and stored as its original encoded bytes in a `vlrep.data.records` record; broken rows are
+skipped and counted by reason, and only an input with no valid row at all is an error. The
+output is `DIR/data-XXXXX-of-YYYYY.array_record` plus `DIR/manifest.json`, and is byte-identical
+for the same input: records keep the input's order (CSV rows, COCO's images list, sorted paths).
+Skip reasons: missing_image, empty_image, unreadable_image, not_an_image, unsupported_format,
+truncated_image, image_too_large, missing_caption, empty_caption, bad_caption_encoding,
+corrupt_tar_member, corrupt_tar (a shard, or its rest, unreadable), bad_csv_row; bad or
+duplicate captions beside a good one are dropped and counted under `dropped_captions`.
 """
 
 from __future__ import annotations
@@ -371,7 +372,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   flags.DEFINE_string('input', None, 'A CSV/TSV (image,caption), a folder of images with '
-                      '.txt captions, or a glob of webdataset tar shards (braces allowed).')
+                      '.txt captions, a COCO captions .json, or a glob of webdataset tar '
+                      'shards (braces allowed).')
   flags.DEFINE_string('output', None, 'Directory for the ArrayRecord shards and manifest.json.')
   flags.DEFINE_integer('num_shards', None, 'Shards, records dealt round-robin (never more '
                        f'shards than records); default one per {RECORDS_PER_SHARD} records.')

@@ -1,12 +1,14 @@
-"""Reads the three input layouts `vlrep.data.ingest` accepts into a stream of `Sample`s.
+"""Reads the four input layouts `vlrep.data.ingest` accepts into a stream of `Sample`s.
 
 A CSV/TSV with `image` and `caption` columns (image paths relative to the file; rows repeating
 an image add captions to one sample), a folder of images with same-named `.txt` caption files
-(one caption a line), or a brace-and-glob pattern of webdataset tar shards as img2dataset
-writes them (`key.jpg`, `key.txt`, `key.json`). Listing is cheap and in input order (CSV
-rows, sorted paths): files are only named here and read by the validating workers, except tar
-members, which carry their bytes. Nothing is decoded or validated; a row already known to be
-broken becomes a `Sample` with its skip reason, or, where it has no key, a count in `skipped`.
+(one caption a line), a COCO-format captions JSON (`{"images": [{"id", "file_name"}],
+"annotations": [{"image_id", "caption"}]}`, `coco_samples`), or a brace-and-glob pattern of
+webdataset tar shards as img2dataset writes them (`key.jpg`, `key.txt`, `key.json`). Listing is
+cheap and in input order (CSV rows, COCO's images list, sorted paths): files are only named here
+and read by the validating workers, except tar members, which carry their bytes. Nothing is
+decoded or validated; a row already known to be broken becomes a `Sample` with its skip reason,
+or, where it has no key, a count in `skipped`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import json
 import os
 import re
 import tarfile
@@ -36,9 +39,11 @@ class Sample:
 
 
 def detect_format(input_path: str) -> str:
-  """`folder`, `csv` (also TSV) or `tar` (a glob of shards)."""
+  """`folder`, `csv` (also TSV), `coco` (a captions JSON) or `tar` (a glob of shards)."""
   if os.path.isdir(input_path):
     return 'folder'
+  if input_path.lower().endswith('.json'):
+    return 'coco'
   if input_path.lower().endswith(('.csv', '.tsv')):
     return 'csv'
   return 'tar'
@@ -55,6 +60,8 @@ def read_samples(input_path: str, fmt: str, skipped: collections.Counter,
     return csv_samples(input_path, skipped)
   if fmt == 'folder':
     return folder_samples(input_path)
+  if fmt == 'coco':
+    return coco_samples(input_path, skipped)
   return tar_samples(tar_paths(input_path), skipped, max_image_bytes)
 
 
@@ -91,6 +98,46 @@ def csv_samples(path: str, skipped: collections.Counter) -> list[Sample]:
       groups.setdefault(full, (image, []))[1].append(caption.encode('utf-8', 'surrogateescape'))
   return [Sample(key, image_path=full, captions=tuple(captions))
           for full, (key, captions) in groups.items()]
+
+
+def coco_image_dir(path: str) -> str:
+  """Where a COCO captions file's `file_name`s are: `ROOT/SPLIT/` for COCO's own layout
+  (`ROOT/annotations/captions_SPLIT.json`), else the JSON's own directory."""
+  directory = os.path.dirname(os.path.abspath(path))
+  split = re.fullmatch(r'captions_(\w+)\.json', os.path.basename(path))
+  if split and os.path.basename(directory) == 'annotations':
+    return os.path.join(os.path.dirname(directory), split.group(1))
+  return directory
+
+
+def coco_samples(path: str, skipped: collections.Counter) -> list[Sample]:
+  """One sample per entry of `images` (in the file's order, keyed by `file_name`) with the
+  captions of its `annotations`; an image with none is skipped as missing_caption, and each
+  `image_id` with captions that `images` lacks is counted as missing_image. A file without those
+  lists or fields raises ValueError naming what is missing."""
+  with open(path, encoding='utf-8') as file:
+    data = json.load(file)
+  if not isinstance(data, dict) or not isinstance(data.get('images'), list) or \
+      not isinstance(data.get('annotations'), list):
+    raise ValueError(f'{path}: a COCO captions file needs "images" and "annotations" lists')
+  def field(entry: Any, name: str, kind: str) -> Any:
+    if not isinstance(entry, dict) or name not in entry:
+      raise ValueError(f'{path}: an entry of "{kind}" has no "{name}": {entry!r:.200}')
+    return entry[name]
+  captions: dict[Any, list[bytes]] = {}
+  for annotation in data['annotations']:
+    text = field(annotation, 'caption', 'annotations')
+    captions.setdefault(field(annotation, 'image_id', 'annotations'), []).append(
+        str(text).encode('utf-8', 'surrogateescape'))
+  base, samples = coco_image_dir(path), []
+  for image in data['images']:
+    key, name = field(image, 'id', 'images'), field(image, 'file_name', 'images')
+    texts = captions.pop(key, [])
+    samples.append(Sample(name, image_path=os.path.join(base, name), captions=tuple(texts))
+                   if texts else Sample(name, skip='missing_caption'))
+  if captions:  # ids with captions but no image: would-be records, as a CSV row is
+    skipped['missing_image'] += len(captions)
+  return samples
 
 
 def folder_samples(root: str) -> Iterator[Sample]:

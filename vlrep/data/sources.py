@@ -80,10 +80,10 @@ class TfdsSource:
   """A TFDS split read with `tfds.data_source` (ArrayRecord files; no TensorFlow needed)."""
 
   def __init__(self, name: str, split: str, image_key: str, caption_key: str,
-               data_dir: str | None):
+               data_dir: str | None, label_key: str = ''):
     import tensorflow_datasets as tfds  # optional dependency: only tfds: sources need it
     self.name, self.split = name, split
-    self.image_key, self.caption_key = image_key, caption_key
+    self.image_key, self.caption_key, self.label_key = image_key, caption_key, label_key
     self._data = tfds.data_source(name, split=split,
                                   data_dir=paths_lib.local(paths_lib.check(data_dir)) or None)
     feature = self._data.dataset_info.features
@@ -104,14 +104,21 @@ class TfdsSource:
       raise ValueError(f'{self.name}: no feature {error} (data.tfds_image_key='
                        f'{self.image_key!r}, data.tfds_caption_key={self.caption_key!r})'
                        ) from None
-    return {'image': image, 'captions': _as_texts(captions, self._names)}
+    out = {'image': image, 'captions': _as_texts(captions, self._names)}
+    if self.label_key:  # `data.label_key`: a ClassLabel feature's index (classification)
+      try:
+        out[self.label_key] = np.asarray(_nested(example, self.label_key))
+      except (KeyError, TypeError):
+        raise KeyError(f'{self.name}: no feature {self.label_key!r} (data.label_key)') from None
+    return out
 
   def __repr__(self) -> str:
     return f'TfdsSource({self.name!r}, split={self.split!r}, {len(self)} examples)'
 
 
 def make_source(spec: str, image_size: int, *, tfds_image_key: str = 'image',
-                tfds_caption_key: str = 'captions/text', tfds_data_dir: str = '') -> Any:
+                tfds_caption_key: str = 'captions/text', tfds_data_dir: str = '',
+                tfds_label_key: str = '') -> Any:
   """The random-access source named by `spec` (see `SOURCES`).
 
   Raises ValueError for an unknown form and FileNotFoundError for missing ArrayRecord files.
@@ -124,7 +131,7 @@ def make_source(spec: str, image_size: int, *, tfds_image_key: str = 'image',
   if name == 'tfds' and arg:
     dataset, _, split = arg.partition(':')
     return TfdsSource(dataset, split or 'train', tfds_image_key, tfds_caption_key,
-                      tfds_data_dir)
+                      tfds_data_dir, tfds_label_key)
   raise ValueError(f'Unknown data source {spec!r} (data.train / data.eval); known: '
                    f'{", ".join(SOURCES)}')
 
@@ -133,4 +140,5 @@ def source_from_config(config: Any, spec: str) -> Any:
   """`make_source` with the TFDS options of `config.data`."""
   data = config.data
   return make_source(spec, data.image_size, tfds_image_key=data.tfds_image_key,
-                     tfds_caption_key=data.tfds_caption_key, tfds_data_dir=data.tfds_data_dir)
+                     tfds_caption_key=data.tfds_caption_key, tfds_data_dir=data.tfds_data_dir,
+                     tfds_label_key=data.label_key)

@@ -6,8 +6,9 @@ never shares an example with `train`. An image holds one or two groups of object
 has one shape, colour, size and count ("two small red circles and one large blue square").
 Training captions sometimes name only some attributes ("red shapes and a blue shape",
 "circles and a square"), as web alt-text does; this is what lets zero-shot prompts that name a
-single attribute make sense. Held-out examples carry the full caption and multi-hot
-attribute labels for zero-shot evaluation.
+single attribute make sense. Held-out examples carry the full caption; every example carries
+multi-hot attribute labels (zero-shot evaluation; classification fine-tuning reads the
+training split's, `data.label_key`).
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ def multi_hot_labels(groups: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 class SyntheticShapes:
   """Random-access source (grain's `RandomAccessDataSource` protocol) of one split.
 
-  Returns dicts with `image` (uint8 [S, S, 3]) and `caption` (str); the `test` split adds
-  `labels/<task>` multi-hot arrays. Training captions mix full and partial descriptions;
+  Returns dicts with `image` (uint8 [S, S, 3]), `caption` (str) and `labels/<task>`
+  multi-hot arrays (drawn from no random numbers: images and captions are as they were
+  before the training split had labels). Training captions mix full and partial descriptions;
   test captions are always full.
   """
 
@@ -167,10 +169,8 @@ class SyntheticShapes:
       text = caption(groups, *(rng.random(4) < 0.5))
     else:
       text = caption(groups)
-    example = {'image': image, 'caption': text}
-    if self.split != 'train':
-      example.update({f'labels/{k}': v for k, v in multi_hot_labels(groups).items()})
-    return example
+    return {'image': image, 'caption': text,
+            **{f'labels/{k}': v for k, v in multi_hot_labels(groups).items()}}
 
   def __repr__(self) -> str:
     return f'SyntheticShapes(split={self.split!r}, image_size={self.image_size})'

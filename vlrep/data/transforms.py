@@ -71,6 +71,16 @@ def captions_of(example: dict[str, Any]) -> list[str]:
   return captions
 
 
+def label_of(example: dict[str, Any], label_key: str) -> np.ndarray:
+  """The label of one source example: int32 [] or multi-hot [C]; KeyError naming the key."""
+  if label_key not in example:
+    raise KeyError(f'data.label_key={label_key!r} is not a field of the training examples '
+                   f'(fields: {sorted(k for k in example if k != "image")})')
+  label = np.asarray(example[label_key])
+  return label.astype(np.int32) if label.ndim == 0 else label.astype(bool)
+
+
+
 def decode_image(image: Any, size: int, augment: str = 'resize',
                  rng: np.random.Generator | None = None) -> np.ndarray:
   """uint8 [size, size, 3] from any source's image; `rng` is needed for random crops."""
@@ -87,18 +97,22 @@ def decode_image(image: Any, size: int, augment: str = 'resize',
 
 
 class DecodeAndAugment(grain.transforms.RandomMap):
-  """source example -> {image: uint8 [S, S, 3], caption: one of its captions, at random}."""
+  """source example -> {image: uint8 [S, S, 3], caption: one of its captions, at random}
+  (and, with `label_key`, `label`: that field of the example, `label_of`)."""
 
-  def __init__(self, image_size: int, augment: str):
+  def __init__(self, image_size: int, augment: str, label_key: str = ''):
     if augment not in AUGMENTS:
       raise ValueError(f'data.augment={augment!r}; expected one of {AUGMENTS}')
-    self.image_size, self.augment = image_size, augment
+    self.image_size, self.augment, self.label_key = image_size, augment, label_key
 
   def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     captions = captions_of(example)
     caption = captions[rng.integers(len(captions))] if len(captions) > 1 else captions[0]
-    return {'image': decode_image(example['image'], self.image_size, self.augment, rng),
-            'caption': caption}
+    out = {'image': decode_image(example['image'], self.image_size, self.augment, rng),
+           'caption': caption}
+    if self.label_key:
+      out['label'] = label_of(example, self.label_key)
+    return out
 
 
 class Tokenize(grain.transforms.Map):
@@ -110,6 +124,7 @@ class Tokenize(grain.transforms.Map):
   def map(self, example: dict[str, Any]) -> dict[str, Any]:
     tokens = self._tokenizer.encode([example['caption']], self._max_len)[0]
     out = {'images': example['image'], 'tokens': tokens}
-    if 'skipped' in example:
-      out['skipped'] = example['skipped']
+    for key in ('label', 'skipped'):
+      if key in example:
+        out[key] = example[key]
     return out

@@ -177,3 +177,12 @@ def bleu4(
   if ratio < 1:
     score *= math.exp(1 - 1 / ratio)  # brevity penalty
   return float(score)
+
+
+def distinct_fraction(predictions: Mapping[Hashable, str]) -> float:
+  """Distinct captions (after `normalize_caption`) per image, in (0, 1]: 1 when every image
+  has its own caption, 1/N when a captioner gives one caption for all N images (the collapse
+  open_clip users report of CoCa captioning fine-tunes)."""
+  if not predictions:
+    raise ValueError("cannot count the distinct captions of no predictions")
+  return len({normalize_caption(p) for p in predictions.values()}) / len(predictions)

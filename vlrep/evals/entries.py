@@ -18,6 +18,9 @@ from `data` (a source string as in `config.data.*`; '' = `config.data.eval`): ex
   one counts too: fair for data, like the synthetic set, that repeats captions; off for COCO).
 - `captioning`: `methods` ('greedy', 'beam'), `beam_size`, `length_penalty`, `max_len`
   (0 = `data.max_text_len`). References are all the captions of an image.
+- `classification`: `label_key`, `ks`: a classification fine-tune's own head
+  (`Pretrained.classify`, `loss.kind='classification'`) ranks the classes; a multi-hot label
+  is hit by any of its classes.
 - `linear_probe`: `label_key`; trains on `train_data` examples `train_start ..
   train_start+train_examples`, holding out the last `val_fraction` of them to choose the L2
   strength among `l2_grid`, then retrains on all of them; `steps` of L-BFGS.
@@ -48,6 +51,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     'retrieval': {'ks': (1, 5, 10), 'identical_text_is_hit': False},
     'captioning': {'methods': ('greedy', 'beam'), 'beam_size': 4, 'length_penalty': 0.6,
                    'max_len': 0},
+    'classification': {'label_key': 'label', 'ks': (1, 5)},
     'linear_probe': {'label_key': 'label', 'train_data': '', 'train_start': 0,
                      'train_examples': 10_000, 'val_fraction': 0.2,
                      'l2_grid': (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), 'steps': 200},

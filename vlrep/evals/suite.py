@@ -4,7 +4,8 @@
 once; `evaluator(model)` runs them on a `Pretrained` model and returns flat
 `{'eval_name/metric': float}`: `<name>/top1`, `<name>/top5` (zero-shot, by embeddings or by
 caption likelihood), `<name>/i2t_r@K`,
-`<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match}_{greedy,beam}` (captioning),
+`<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match,distinct_captions}_{greedy,beam}`
+(captioning), `<name>/top1`, `<name>/top5` (classification by a fine-tuned head),
 `<name>/accuracy` and the chosen `<name>/l2` (linear probe), `<name>/accuracy` (attentive
 probe, on the frozen image tokens). A FILIP model
 (`loss.contrastive_similarity='token'`) ranks by its token-wise similarity in zero-shot and
@@ -49,6 +50,10 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'evals.{name}: a {entry.type} evaluation needs text embeddings, which a '
                        'captioning-only model (model.contrastive=False) has none of; drop the '
                        'entry (captioning and linear_probe run)')
+    if entry.type == 'classification' and (config.loss.kind != 'classification'
+                                           or config.model.num_classes < 2):
+      raise ValueError(f"evals.{name}: a classification evaluation reads the head that "
+                       "loss.kind='classification' trains (model.num_classes >= 2)")
     if entry.get('max_len', 0) > config.data.max_text_len:
       raise ValueError(f'evals.{name}.max_len={entry.max_len} exceeds the text length the model '
                        f'is built for, data.max_text_len={config.data.max_text_len}')
@@ -202,7 +207,20 @@ def _captioning(name: str, entry: Any, data: _Examples, model: Pretrained) -> di
     results[f'{name}/exact_match_{method}'] = float(np.mean(
         [normalised(predictions[i]) in {normalised(r) for r in refs}
          for i, refs in references.items()]))
+    # A captioner that gives every image one caption can still score some CIDEr.
+    results[f'{name}/distinct_captions_{method}'] = captioning.distinct_fraction(predictions)
   return results
+
+
+def _classification(name: str, entry: Any, data: _Examples,
+                    model: Pretrained) -> dict[str, float]:
+  examples = data.get(entry.data, entry.start, entry.num_examples, entry.label_key)
+  logits, labels = model.classify(examples['images']), examples['label']
+  classes = labels.shape[1] if labels.ndim == 2 else int(labels.max()) + 1
+  if (labels.ndim == 2 and classes != logits.shape[1]) or classes > logits.shape[1]:
+    raise ValueError(f'evals.{name}: {entry.label_key!r} has {classes} classes, the head '
+                     f'{logits.shape[1]} (model.num_classes)')
+  return _topk(name, entry, logits, labels)
 
 
 def _linear_probe(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
@@ -239,7 +257,7 @@ def _attentive_probe(name: str, entry: Any, data: _Examples,
 _RUN: dict[str, Callable[[str, Any, _Examples, Pretrained], dict[str, float]]] = {
     'zeroshot': _zeroshot, 'zeroshot_scoring': _zeroshot_scoring, 'retrieval': _retrieval,
     'captioning': _captioning, 'linear_probe': _linear_probe,
-    'attentive_probe': _attentive_probe}
+    'attentive_probe': _attentive_probe, 'classification': _classification}
 
 
 def _check_probe_overlap(name: str, entry: Any, config: ml_collections.ConfigDict) -> None:

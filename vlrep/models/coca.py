@@ -45,6 +45,7 @@ import ml_collections
 from vlrep.models.layers import (ACTIVATIONS, BLOCK_LAYOUTS, DEFAULT_LN_EPS, REMAT_MODES,
                                  AttentionalPooler, Dtype, default_kernel_init,
                                  float32_dot_general, layer_norm, logical)
+from vlrep.models.classifier import POOLS as CLASSIFIER_POOLS, ClassifierHead
 from vlrep.models.text import TextDecoder
 from vlrep.models.vision import VisionTransformer
 
@@ -93,6 +94,8 @@ class CoCa(nn.Module):
   image_projection_layer: bool = True
   contrastive: bool = True  # False: captioning-only, see the module docstring
   token_similarity: bool = False  # FILIP's per-token embeddings, see the module docstring
+  num_classes: int = 0  # > 0: a classification head (`vlrep.models.classifier`)
+  classifier_pool: str = 'embedding'
 
   def setup(self):
     heads = self.pooler_heads or self.image_encoder.num_heads
@@ -102,6 +105,9 @@ class CoCa(nn.Module):
         ln_eps=self.pooler_ln_eps, context_norm=self.pooler_context_norm,
         mlp_dim=self.pooler_mlp_dim, activation=self.image_encoder.activation)
     self.captioning_pooler = pooler(self.captioning_queries)
+    if self.num_classes:
+      self.classifier = ClassifierHead(self.num_classes, self.classifier_pool, heads,
+                                       self.dtype, self.pooler_ln_eps)
     if not self.contrastive:
       return
     self.contrastive_pooler = pooler(1)
@@ -167,6 +173,12 @@ class CoCa(nn.Module):
       pooled = self.image_projection(pooled)
     return l2_normalize(pooled.astype(jnp.float32)), caption_tokens
 
+  def classify(self, images: jax.Array) -> jax.Array:
+    """float32 logits [B, num_classes] of the classification head."""
+    tokens = self.image_encoder(images)
+    embedding = self._pool(tokens)[0] if self.classifier_pool == 'embedding' else None
+    return self.classifier(embedding, tokens)
+
   def _patch_embeddings(self, tokens: jax.Array) -> jax.Array:
     if self.image_encoder.class_token:
       tokens = tokens[:, 1:]
@@ -216,6 +228,8 @@ class CoCa(nn.Module):
     image_emb, caption_tokens = self._pool(encoded)
     cls, token_features = self.text_decoder.encode(tokens, parallel_rows)
     out = dict(self.temperature())
+    if self.num_classes:
+      out['class_logits'] = self.classifier(image_emb, encoded)
     if self.contrastive:
       if parallel_rows is not None:
         raise ValueError('parallel rows read no text, so they have no text embedding: '
@@ -325,6 +339,11 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
                      "patch tokens with the text's: it needs model.pooler='none' (no pooler "
                      'left unused) and a contrastive model')
   temperature_init, bias_init = TEMPERATURE_INIT[config.loss.contrastive_type]
+  # The head exists only for the loss that trains it: other runs' trees stay as they were.
+  num_classes = model.num_classes if config.loss.kind == 'classification' else 0
+  if model.classifier_pool not in CLASSIFIER_POOLS:
+    raise ValueError(f'model.classifier_pool={model.classifier_pool!r}; expected one of '
+                     f'{CLASSIFIER_POOLS}')
   return CoCa(
       image_encoder=VisionTransformer(
           patch_size=vision['patch_size'], width=vision['width'], depth=vision['layers'],
@@ -361,4 +380,5 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
       pooler_context_norm=model.pooler_context_norm,
       pooler_mlp_dim=model.pooler_mlp_dim,
       image_projection_layer=model.image_projection, contrastive=contrastive,
-      token_similarity=token_similarity)
+      token_similarity=token_similarity, num_classes=num_classes,
+      classifier_pool=model.classifier_pool)
