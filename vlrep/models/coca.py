@@ -141,6 +141,24 @@ class CoCa(nn.Module):
     """
     return self._pool(self.image_encoder(images))
 
+  def encode_video(self, videos: jax.Array, pool: str = 'attn') -> jax.Array:
+    """L2-normalised video embeddings [B, E] of frames [B, T, H, W, 3].
+
+    Every frame goes through the image encoder. `pool='attn'` (the paper's video recipe):
+    the tokens of all T frames, concatenated along the token axis [B, T * N, W], go through
+    the model's own poolers as one image's would; `'mean'`: the mean of the T normalised
+    frame embeddings, renormalised. Frames carry no temporal position, so 'attn' sees
+    where a shape is in each frame but not in which frame.
+    """
+    batch, frames = videos.shape[:2]
+    tokens = self.image_encoder(videos.reshape(batch * frames, *videos.shape[2:]))
+    if pool == 'mean':
+      frame_emb = self._pool(tokens)[0].reshape(batch, frames, -1)
+      return l2_normalize(jnp.mean(frame_emb, axis=1))
+    if pool not in VIDEO_POOLS:
+      raise ValueError(f'video pool={pool!r}; expected one of {VIDEO_POOLS}')
+    return self._pool(tokens.reshape(batch, frames * tokens.shape[1], tokens.shape[2]))[0]
+
   def _pool(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     if not self.contrastive:
       return l2_normalize(jnp.mean(tokens, axis=1).astype(jnp.float32)), \
@@ -265,6 +283,7 @@ def clamp_temperature(params: dict) -> dict:
 
 POOLERS = ('cascade', 'parallel', 'single', 'none')
 IMAGE_POOLS = ('attn', 'tok', 'avg')
+VIDEO_POOLS = ('attn', 'mean')  # `CoCa.encode_video`
 # No float16: it needs loss scaling, which bfloat16's float32 exponent range does not.
 DTYPES = ('float32', 'bfloat16')
 
