@@ -1,6 +1,8 @@
 """`Pretrained.encode_video` and the video evaluations: against the model's own functions and
 numpy, and the same on 1 device as on 8."""
 
+import json
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -123,3 +125,31 @@ def test_bad_video_entries_fail_naming_the_field(models):
   config.evals.motion.pool, config.evals.motion.frames = 'attn', 0
   with pytest.raises(ValueError, match=r'evals\.motion\.frames'):
     Evaluator(config)
+
+
+def test_a_clip_batch_is_pooled_in_training_as_encode_video_pools_it(models):
+  config, params, _, eight = models
+  clips = _videos(n=8)
+  tokens = np.ones((8, config.data.max_text_len), np.int32)
+  out = build_model(config).apply({'params': params}, clips, tokens)
+  np.testing.assert_allclose(np.asarray(out['image_emb']), eight.encode_video(clips), atol=1e-5)
+
+
+def test_video_config_trains_through_the_one_loop_and_evaluates(tmp_path):
+  from vlrep import train
+  from vlrep.data import pipeline
+  config = shrink(load_config('video'))
+  config.total_steps = config.eval_every_steps = 2
+  batch = next(iter(pipeline.train_dataset(config, 0, 1)))
+  assert batch['images'].shape == (8, config.data.frames, 16, 16, 3)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(results) == sorted(
+      ['retrieval/v2t_r@1', 'retrieval/v2t_r@5', 'retrieval/t2v_r@1', 'retrieval/t2v_r@5'] +
+      [f'zeroshot_{task}/top1' for task in ('motion', 'colour', 'shape', 'motion_one_frame',
+                                            'motion_mean')])
+  assert all(0 <= value <= 1 for value in results.values())
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['data']['frames'] == config.data.frames
+  config.data.augment = 'random_resized_crop'
+  with pytest.raises(ValueError, match='data.frames'):
+    pipeline.train_dataset(config, 0, 1)

@@ -87,16 +87,32 @@ def decode_image(image: Any, size: int, augment: str = 'resize',
 
 
 class DecodeAndAugment(grain.transforms.RandomMap):
-  """source example -> {image: uint8 [S, S, 3], caption: one of its captions, at random}."""
+  """source example -> {image: uint8 [S, S, 3], caption: one of its captions, at random}.
 
-  def __init__(self, image_size: int, augment: str):
+  With `frames` > 0 the example is a video clip and `image` its `frames` uniformly sampled
+  frames, uint8 [frames, S, S, 3] (`vlrep.data.video.decode_frames`), center-resized.
+  """
+
+  def __init__(self, image_size: int, augment: str, frames: int = 0):
     if augment not in AUGMENTS:
       raise ValueError(f'data.augment={augment!r}; expected one of {AUGMENTS}')
-    self.image_size, self.augment = image_size, augment
+    if frames and augment != 'resize':  # a crop drawn per frame would jitter the clip
+      raise ValueError(f"data.augment={augment!r} with data.frames={frames}: video clips are "
+                       "only resized (data.augment='resize')")
+    self.image_size, self.augment, self.frames = image_size, augment, frames
 
   def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     captions = captions_of(example)
     caption = captions[rng.integers(len(captions))] if len(captions) > 1 else captions[0]
+    if self.frames:
+      from vlrep.data import video  # pylint: disable=g-import-not-at-top (it imports this)
+      if 'frames' not in example:
+        raise TypeError(f'data.frames={self.frames} needs a video source (examples with '
+                        f'frames), got an example with {sorted(example)}')
+      return {'image': video.decode_frames(example['frames'], self.frames, self.image_size),
+              'caption': caption}
+    if 'image' not in example:
+      raise TypeError(f'a video example ({sorted(example)}) needs data.frames > 0')
     return {'image': decode_image(example['image'], self.image_size, self.augment, rng),
             'caption': caption}
 
