@@ -15,9 +15,11 @@ from vlrep.data import ingest, ingest_video, records, sources, synthetic_video, 
 
 
 def _centre(frame: np.ndarray) -> np.ndarray:
-  """(x, y) of the bright pixels (the shape on its dark background)."""
+  """(x, y) of the bright pixels (the shape on its dark background) as angles on the
+  wrapped-around image: their circular means."""
   ys, xs = np.nonzero(frame.max(axis=-1) > 100)
-  return np.array([xs.mean(), ys.mean()])
+  angle = lambda v: np.angle(np.mean(np.exp(2j * np.pi * (v + 0.5) / frame.shape[0])))
+  return np.array([angle(xs), angle(ys)])
 
 
 def test_moving_shapes_are_deterministic_and_move_as_captioned():
@@ -35,9 +37,12 @@ def test_moving_shapes_are_deterministic_and_move_as_captioned():
     assert example['caption'] == f'a {colour} {shape} {motion}'
     assert example['labels/moving'] == (motion == 'standing still')
     path = np.stack([_centre(f) for f in example['frames']])
-    travelled = path[-1] - path[0]  # pixels, +x right, +y down
-    want = np.array(synthetic_video.MOTIONS[motion]) * synthetic_video._TRAVEL * 32
-    np.testing.assert_allclose(travelled, want, atol=1.5, err_msg=example['caption'])
+    # Each step in image sides (+x right, +y down), wrapped into [-1/2, 1/2).
+    steps = (np.diff(path, axis=0) / (2 * np.pi) + 0.5) % 1 - 0.5
+    want = np.array(synthetic_video.MOTIONS[motion]) * synthetic_video._TRAVEL / (
+        synthetic_video.FRAMES - 1)
+    np.testing.assert_allclose(steps, np.broadcast_to(want, steps.shape), atol=0.02,
+                               err_msg=example['caption'])
     seen.add(motion)
   assert seen == set(synthetic_video.MOTIONS)
   assert not np.array_equal(synthetic_video.SyntheticMotion('train', 32)[0]['frames'],

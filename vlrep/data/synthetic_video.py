@@ -4,9 +4,11 @@ or standing still, over a clip of frames ("a red circle moving left").
 Drawn with the image set's shapes, colours and renderer (`vlrep.data.synthetic.draw`). Example
 `i` of a split comes from a generator seeded by (split, i) alone, as in the image set, so it
 is the same everywhere, at any resolution. Every frame of a clip has the same background,
-shape, size and colour; only the position changes, by the same step each frame, so any one
-frame of a moving clip looks like a still one: motion is read from several frames or not at
-all. The shape moves `_TRAVEL` of the image side over the clip. Examples are
+shape, size and colour; only the position changes, by the same step each frame. The image
+wraps around like a torus, so the shape's position in any one frame is uniform over the image
+whatever its motion: a single frame carries no information about motion at all, which is
+read from several frames or not at all. The shape moves `_TRAVEL` of the image side over the
+clip. Examples are
 {'frames': uint8 [FRAMES, S, S, 3], 'caption': str, 'labels/motion', 'labels/moving',
 'labels/colour', 'labels/shape': int class indices into `ZERO_SHOT_TASKS`}.
 """
@@ -41,17 +43,20 @@ def _clip(rng: np.random.Generator, image_size: int,
   shape = synthetic.SHAPES[rng.integers(len(synthetic.SHAPES))]
   motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
   r = _RADIUS * rng.uniform(0.9, 1.1)
-  step = np.asarray(MOTIONS[motion], np.float64) * _TRAVEL
-  # The start is drawn so that the whole path stays inside the image.
-  low, high = r + 0.02 - np.minimum(step, 0), 1 - r - 0.02 - np.maximum(step, 0)
-  start = rng.uniform(low, high)
+  step = np.asarray(MOTIONS[motion], np.float64) * _TRAVEL / max(frames - 1, 1)
+  start = rng.uniform(0, 1, size=2)
   background = rng.uniform(15, 60, size=3)
   rgb = np.clip(np.asarray(synthetic.COLOURS[colour], np.float32) + rng.uniform(-18, 18, 3),
                 0, 255)
-  video = np.stack([
-      synthetic.draw([tuple(start + step * t / max(frames - 1, 1))], [r], [rgb], [shape],
-                     background, rng, image_size) for t in range(frames)])
-  return video, {'colour': colour, 'shape': shape, 'motion': motion}
+  # The image wraps around (a shape leaving at one edge enters at the other): every frame's
+  # position is uniform over the image, for a moving shape as for a still one.
+  wraps = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+  clip = []
+  for t in range(frames):
+    x, y = (start + step * t) % 1
+    clip.append(synthetic.draw([(x + dx, y + dy) for dx, dy in wraps], [r] * 9, [rgb] * 9,
+                               [shape] * 9, background, rng, image_size))
+  return np.stack(clip), {'colour': colour, 'shape': shape, 'motion': motion}
 
 
 def caption(attributes: dict[str, str]) -> str:
