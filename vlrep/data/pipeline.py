@@ -140,7 +140,8 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   source = source_from_config(config, data.train)
   stream = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
   # On the global stream, so random_map's generator is seeded by (seed, global position).
-  decode = transforms.DecodeAndAugment(data.image_size, data.augment, data.label_key)
+  decode = transforms.DecodeAndAugment(data.image_size, data.augment, data.label_key,
+                                        data.frames)
   stream = _SkipFailed(stream.random_map(decode))
   local = _ProcessSlice(stream, config.batch_size, process_index, process_count, rows)
   tokenize = transforms.Tokenize(get_tokenizer(data.tokenizer), data.max_text_len)

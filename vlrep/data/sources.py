@@ -1,12 +1,13 @@
 """Data sources: from a source string (`data.train`, `data.eval`) to a random-access source.
 
-A source has `len` and `getitem` returning a dict with `image` and either `caption` (str) or
-`captions` (list of str). Images are whatever is cheapest to hand over: the synthetic set
-draws uint8 [S, S, 3] arrays at the requested size, ArrayRecord records carry the encoded
-file's bytes and TFDS sets return their decoded arrays (any size, grey or RGB); the
-transform stage (`vlrep/data/transforms.py`) decodes and resizes all of them alike. Reading a
-record does no image work, so a corrupt record fails in the transform stage, where training
-skips it. Sources are picklable, so grain worker processes can read them.
+A source has `len` and `getitem` returning a dict with `image` (a video source: `frames`, see
+`vlrep.data.video`) and either `caption` (str) or `captions` (list of str). Images are
+whatever is cheapest to hand over: the synthetic set draws uint8 [S, S, 3] arrays at the
+requested size, ArrayRecord records carry the encoded file's bytes and TFDS sets return their
+decoded arrays (any size, grey or RGB); the transform stage (`vlrep/data/transforms.py`)
+decodes and resizes all of them alike. Reading a record does no image work, so a corrupt
+record fails in the transform stage, where training skips it. Sources are picklable, so
+grain worker processes can read them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import numpy as np
 
 from vlrep.data import records
 from vlrep.data.synthetic import SyntheticShapes
+from vlrep.data.synthetic_video import SyntheticMotion
 from vlrep.runtime import paths as paths_lib
 
-SOURCES = ('synthetic[:train|test]', 'arrayrecord:PATH (directory, file or glob)',
-           'tfds:NAME[/CONFIG][:SPLIT]')
+SOURCES = ('synthetic[:train|test]', 'synthetic_video[:train|test]',
+           'arrayrecord:PATH (directory, file or glob)', 'tfds:NAME[/CONFIG][:SPLIT]')
 
 
 def array_record_paths(pattern: str) -> list[str]:
@@ -126,6 +128,8 @@ def make_source(spec: str, image_size: int, *, tfds_image_key: str = 'image',
   name, _, arg = spec.partition(':')
   if name == 'synthetic':
     return SyntheticShapes(arg or 'train', image_size)
+  if name == 'synthetic_video':
+    return SyntheticMotion(arg or 'train', image_size)
   if name == 'arrayrecord' and arg:
     return ArrayRecordSource(arg)
   if name == 'tfds' and arg:

@@ -108,20 +108,27 @@ def render(groups: list[dict[str, Any]], rng: np.random.Generator, image_size: i
     centres = _place(rng, radii)
     if centres is not None:
       break
-  side = image_size * _SUPERSAMPLE
   background = rng.uniform(15, 60, size=3)
-  canvas = np.broadcast_to(background, (side, side, 3)).astype(np.float32)
-  colours = [np.asarray(COLOURS[g['colour']], np.float32) for g in groups for _ in range(g['count'])]
+  colours = [np.clip(np.asarray(COLOURS[g['colour']], np.float32) + rng.uniform(-18, 18, size=3),
+                     0, 255) for g in groups for _ in range(g['count'])]
   shapes = [g['shape'] for g in groups for _ in range(g['count'])]
+  return draw(centres, radii, colours, shapes, background, rng, image_size)
+
+
+def draw(centres: list[tuple[float, float]], radii: list[float], colours: list[np.ndarray],
+         shapes: list[str], background: np.ndarray, rng: np.random.Generator,
+         image_size: int) -> np.ndarray:
+  """Objects (centre and radius in [0, 1], RGB colour, shape) on a flat background plus
+  pixel noise from `rng`; uint8 [H, W, 3]. The moving-shapes video set draws its frames so."""
+  side = image_size * _SUPERSAMPLE
+  canvas = np.broadcast_to(background, (side, side, 3)).astype(np.float32)
   coords = (np.arange(side, dtype=np.float32) + 0.5) / side
   for (cx, cy), r, colour, shape in zip(centres, radii, colours, shapes):
     lo_x, hi_x = np.searchsorted(coords, [cx - r, cx + r])
     lo_y, hi_y = np.searchsorted(coords, [cy - r, cy + r])
     dx = coords[lo_x:hi_x][None, :] - cx
     dy = coords[lo_y:hi_y][:, None] - cy
-    mask = _inside(shape, dx, dy, r)
-    jitter = rng.uniform(-18, 18, size=3)
-    canvas[lo_y:hi_y, lo_x:hi_x][mask] = np.clip(colour + jitter, 0, 255)
+    canvas[lo_y:hi_y, lo_x:hi_x][_inside(shape, dx, dy, r)] = colour
   # Box-filter down to image_size; strided adds are several times faster than .mean().
   image = sum(canvas[dy::_SUPERSAMPLE, dx::_SUPERSAMPLE]
               for dy in range(_SUPERSAMPLE) for dx in range(_SUPERSAMPLE)) / _SUPERSAMPLE**2

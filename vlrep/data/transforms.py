@@ -98,18 +98,36 @@ def decode_image(image: Any, size: int, augment: str = 'resize',
 
 class DecodeAndAugment(grain.transforms.RandomMap):
   """source example -> {image: uint8 [S, S, 3], caption: one of its captions, at random}
-  (and, with `label_key`, `label`: that field of the example, `label_of`)."""
+  (and, with `label_key`, `label`: that field of the example, `label_of`).
 
-  def __init__(self, image_size: int, augment: str, label_key: str = ''):
+  With `frames` > 0 the example is a video clip and `image` its `frames` uniformly sampled
+  frames, uint8 [frames, S, S, 3] (`vlrep.data.video.decode_frames`), center-resized.
+  """
+
+  def __init__(self, image_size: int, augment: str, label_key: str = '', frames: int = 0):
     if augment not in AUGMENTS:
       raise ValueError(f'data.augment={augment!r}; expected one of {AUGMENTS}')
+    if frames and augment != 'resize':  # a crop drawn per frame would jitter the clip
+      raise ValueError(f"data.augment={augment!r} with data.frames={frames}: video clips are "
+                       "only resized (data.augment='resize')")
     self.image_size, self.augment, self.label_key = image_size, augment, label_key
+    self.frames = frames
 
   def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     captions = captions_of(example)
     caption = captions[rng.integers(len(captions))] if len(captions) > 1 else captions[0]
-    out = {'image': decode_image(example['image'], self.image_size, self.augment, rng),
-           'caption': caption}
+    if self.frames:
+      from vlrep.data import video  # pylint: disable=g-import-not-at-top (it imports this)
+      if 'frames' not in example:
+        raise TypeError(f'data.frames={self.frames} needs a video source (examples with '
+                        f'frames), got an example with {sorted(example)}')
+      out = {'image': video.decode_frames(example['frames'], self.frames, self.image_size),
+             'caption': caption}
+    elif 'image' not in example:
+      raise TypeError(f'a video example ({sorted(example)}) needs data.frames > 0')
+    else:
+      out = {'image': decode_image(example['image'], self.image_size, self.augment, rng),
+             'caption': caption}
     if self.label_key:
       out['label'] = label_of(example, self.label_key)
     return out

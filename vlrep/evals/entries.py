@@ -21,6 +21,11 @@ from `data` (a source string as in `config.data.*`; '' = `config.data.eval`): ex
 - `classification`: `label_key`, `ks`: a classification fine-tune's own head
   (`Pretrained.classify`, `loss.kind='classification'`) ranks the classes; a multi-hot label
   is hit by any of its classes.
+- `zeroshot_video`, `video_retrieval`: the fields of `zeroshot` / `retrieval` on a video
+  source (`synthetic_video:test`, or ArrayRecord video records), plus `frames` (T, sampled
+  uniformly from each clip) and `pool` (`Pretrained.encode_video`: 'attn', the model's
+  poolers over the tokens of all T frames, or 'mean' of the frame embeddings); metrics
+  `<name>/top<k>` and `<name>/v2t_r@K`, `<name>/t2v_r@K`.
 - `linear_probe`: `label_key`; trains on `train_data` examples `train_start ..
   train_start+train_examples`, holding out the last `val_fraction` of them to choose the L2
   strength among `l2_grid`, then retrains on all of them; `steps` of L-BFGS.
@@ -52,6 +57,10 @@ FIELDS: dict[str, dict[str, Any]] = {
     'captioning': {'methods': ('greedy', 'beam'), 'beam_size': 4, 'length_penalty': 0.6,
                    'max_len': 0},
     'classification': {'label_key': 'label', 'ks': (1, 5)},
+    'zeroshot_video': {'label_key': 'label', 'class_names': '', 'templates': DEFAULT_TEMPLATES,
+                       'ks': (1, 5), 'frames': 8, 'pool': 'attn'},
+    'video_retrieval': {'ks': (1, 5, 10), 'identical_text_is_hit': False, 'frames': 8,
+                        'pool': 'attn'},
     'linear_probe': {'label_key': 'label', 'train_data': '', 'train_start': 0,
                      'train_examples': 10_000, 'val_fraction': 0.2,
                      'l2_grid': (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), 'steps': 200},
@@ -88,8 +97,10 @@ def check(name: str, config: Any) -> None:
   for k in config.get('ks', ()):
     if k < 1:
       raise ValueError(f'evals.{name}.ks: every k must be >= 1, got {tuple(config.ks)}')
-  if config.type in ('zeroshot', 'zeroshot_scoring') and not config.templates:
+  if config.type in ('zeroshot', 'zeroshot_scoring', 'zeroshot_video') and not config.templates:
     raise ValueError(f'evals.{name}.templates is empty')
+  if config.get('frames', 1) < 1:
+    raise ValueError(f'evals.{name}.frames must be >= 1, got {config.frames}')
   if config.get('text_batch', 0) < 0:
     raise ValueError(f'evals.{name}.text_batch must be >= 0 (0: derived)')
   for template in config.get('templates', ()):

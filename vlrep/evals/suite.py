@@ -7,7 +7,9 @@ caption likelihood), `<name>/i2t_r@K`,
 `<name>/t2i_r@K` (retrieval), `<name>/{cider,bleu4,exact_match,distinct_captions}_{greedy,beam}`
 (captioning), `<name>/top1`, `<name>/top5` (classification by a fine-tuned head),
 `<name>/accuracy` and the chosen `<name>/l2` (linear probe), `<name>/accuracy` (attentive
-probe, on the frozen image tokens). A FILIP model
+probe, on the frozen image tokens), `<name>/top<k>`, `<name>/v2t_r@K`, `<name>/t2v_r@K`
+(zero-shot video classification and text-video retrieval, on clips of `frames` frames,
+`vlrep/evals/video.py`). A FILIP model
 (`loss.contrastive_similarity='token'`) ranks by its token-wise similarity in zero-shot and
 retrieval (`Pretrained.zero_shot_scores`, `token_similarity_scores`), streaming the images
 for each entry, as its patch embeddings are too large to keep; probes read its vectors.
@@ -36,7 +38,8 @@ import ml_collections
 import numpy as np
 
 from vlrep.data import pipeline
-from vlrep.evals import attentive_probe, captioning, entries, probe, retrieval, zeroshot
+from vlrep.evals import attentive_probe, captioning, entries, probe, retrieval, video, zeroshot
+from vlrep.models.coca import VIDEO_POOLS
 from vlrep.pretrained import Pretrained
 
 _Key = tuple[str, int, str]  # (source string, start, TFDS label key or '')
@@ -46,7 +49,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   """Fails fast (ValueError naming the entry) on a bad `config.evals` or source string."""
   for name, entry in entries.evals_of(config).items():
     entries.check(name, entry)
-    if entry.type in ('zeroshot', 'retrieval') and not config.model.contrastive:
+    if entry.type in ('zeroshot', 'retrieval', *video.TYPES) and not config.model.contrastive:
       raise ValueError(f'evals.{name}: a {entry.type} evaluation needs text embeddings, which a '
                        'captioning-only model (model.contrastive=False) has none of; drop the '
                        'entry (captioning and linear_probe run)')
@@ -57,6 +60,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     if entry.get('max_len', 0) > config.data.max_text_len:
       raise ValueError(f'evals.{name}.max_len={entry.max_len} exceeds the text length the model '
                        f'is built for, data.max_text_len={config.data.max_text_len}')
+    if entry.type in video.TYPES and entry.pool not in VIDEO_POOLS:
+      raise ValueError(f'evals.{name}.pool={entry.pool!r}; expected one of {VIDEO_POOLS}')
     label_key = entry.get('label_key', '')
     for spec in {entry.data, entry.get('train_data', '') or entry.data}:
       source = pipeline.eval_source(config, spec, label_key)
@@ -77,6 +82,7 @@ class _Examples:
     self._loaded: dict[_Key, dict[str, Any]] = {}
     self._requested: dict[_Key, int] = {}
     self._embedded: dict[_Key, np.ndarray] = {}
+    self.videos = video.VideoExamples(config)
 
   def _key(self, spec: str, start: int, label_key: str) -> _Key:
     spec = spec or self._config.data.eval
@@ -89,6 +95,7 @@ class _Examples:
     self._requested[key] = max(self._requested.get(key, 0), count)
 
   def load(self) -> None:
+    self.videos.load()
     for key, count in self._requested.items():
       if key not in self._loaded:
         spec, start, label_key = key
@@ -116,6 +123,7 @@ class _Examples:
 
   def clear(self) -> None:
     self._embedded.clear()
+    self.videos.clear()
 
 
 def _classes(name: str, entry: Any, examples: dict[str, Any]) -> tuple[list[str], np.ndarray]:
@@ -254,10 +262,32 @@ def _attentive_probe(name: str, entry: Any, data: _Examples,
   return {f'{name}/accuracy': out['accuracy']}
 
 
+def _zeroshot_video(name: str, entry: Any, data: _Examples,
+                    model: Pretrained) -> dict[str, float]:
+  examples = data.videos.get(entry, entry.label_key)
+  class_names, labels = _classes(name, entry, examples)
+  classifier = model.zero_shot_classifier(class_names, tuple(entry.templates))
+  return _topk(name, entry, data.videos.embeddings(model, entry) @ classifier.T, labels)
+
+
+def _video_retrieval(name: str, entry: Any, data: _Examples,
+                     model: Pretrained) -> dict[str, float]:
+  references = data.videos.get(entry)['references']
+  texts = [text for refs in references for text in refs]
+  text_video_ids = np.repeat(np.arange(len(references)), [len(refs) for refs in references])
+  correct = retrieval.correct_pairs(text_video_ids, len(references), texts,
+                                    entry.identical_text_is_hit)
+  recalls = retrieval.recall_at_k(data.videos.embeddings(model, entry), model.encode_text(texts),
+                                  correct, tuple(entry.ks))
+  return {f"{name}/{metric.replace('i2t', 'v2t').replace('t2i', 't2v')}": value
+          for metric, value in recalls.items()}
+
+
 _RUN: dict[str, Callable[[str, Any, _Examples, Pretrained], dict[str, float]]] = {
     'zeroshot': _zeroshot, 'zeroshot_scoring': _zeroshot_scoring, 'retrieval': _retrieval,
     'captioning': _captioning, 'linear_probe': _linear_probe,
-    'attentive_probe': _attentive_probe, 'classification': _classification}
+    'attentive_probe': _attentive_probe, 'classification': _classification,
+    'zeroshot_video': _zeroshot_video, 'video_retrieval': _video_retrieval}
 
 
 def _check_probe_overlap(name: str, entry: Any, config: ml_collections.ConfigDict) -> None:
@@ -279,6 +309,9 @@ class Evaluator:
     self._data = _Examples(config)
     for name, entry in self.entries.items():
       label_key = entry.get('label_key', '')
+      if entry.type in video.TYPES:
+        self._data.videos.request(entry)
+        continue
       self._data.request(entry.data, entry.start, entry.num_examples, label_key)
       if entry.type in entries.PROBES:
         _check_probe_overlap(name, entry, config)

@@ -72,7 +72,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class CoCa(nn.Module):
-  """Contrastive captioner. Images uint8/float [B, H, W, 3]; tokens int32 [B, L]."""
+  """Contrastive captioner. Images uint8/float [B, H, W, 3] (or clips [B, T, H, W, 3], see
+  `_image_tokens`); tokens int32 [B, L]."""
   image_encoder: VisionTransformer
   text_decoder: TextDecoder
   embed_dim: int
@@ -145,7 +146,34 @@ class CoCa(nn.Module):
 
     Captioning-only models: the embedding is the encoder tokens' mean, [B, W].
     """
-    return self._pool(self.image_encoder(images))
+    return self._pool(self._image_tokens(images))
+
+  def _image_tokens(self, images: jax.Array) -> jax.Array:
+    """Encoder tokens [B, N, W] of images [B, H, W, 3]; of clips [B, T, H, W, 3], every
+    frame's N tokens, concatenated: [B, T * N, W]. So training on clips (`data.frames`) pools
+    what `encode_video(pool='attn')` pools."""
+    if images.ndim == 4:
+      return self.image_encoder(images)
+    batch, frames = images.shape[:2]
+    tokens = self.image_encoder(images.reshape(batch * frames, *images.shape[2:]))
+    return tokens.reshape(batch, frames * tokens.shape[1], tokens.shape[2])
+
+  def encode_video(self, videos: jax.Array, pool: str = 'attn') -> jax.Array:
+    """L2-normalised video embeddings [B, E] of frames [B, T, H, W, 3].
+
+    Every frame goes through the image encoder. `pool='attn'` (the paper's video recipe):
+    the tokens of all T frames, concatenated along the token axis [B, T * N, W], go through
+    the model's own poolers as one image's would; `'mean'`: the mean of the T normalised
+    frame embeddings, renormalised. Frames carry no temporal position, so 'attn' sees
+    where a shape is in each frame but not in which frame.
+    """
+    if pool not in VIDEO_POOLS:
+      raise ValueError(f'video pool={pool!r}; expected one of {VIDEO_POOLS}')
+    if pool == 'attn':
+      return self._pool(self._image_tokens(videos))[0]
+    batch, frames = videos.shape[:2]
+    frame_emb = self.encode_image(videos.reshape(batch * frames, *videos.shape[2:]))[0]
+    return l2_normalize(jnp.mean(frame_emb.reshape(batch, frames, -1), axis=1))
 
   def _pool(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     if not self.contrastive:
@@ -224,7 +252,7 @@ class CoCa(nn.Module):
     models output no embeddings or temperature. `parallel_rows` ([B] bool, captioning-only
     models with `text_decoder.parallel`): rows predicted in parallel from [MASK] inputs.
     """
-    encoded = self.image_encoder(images)
+    encoded = self._image_tokens(images)
     image_emb, caption_tokens = self._pool(encoded)
     cls, token_features = self.text_decoder.encode(tokens, parallel_rows)
     out = dict(self.temperature())
@@ -279,6 +307,7 @@ def clamp_temperature(params: dict) -> dict:
 
 POOLERS = ('cascade', 'parallel', 'single', 'none')
 IMAGE_POOLS = ('attn', 'tok', 'avg')
+VIDEO_POOLS = ('attn', 'mean')  # `CoCa.encode_video`
 # No float16: it needs loss scaling, which bfloat16's float32 exponent range does not.
 DTYPES = ('float32', 'bfloat16')
 
