@@ -280,7 +280,7 @@ def _microbatched_grads(state: TrainState, batch: Batch) -> tuple[dict[str, jax.
     grads = sharding.constrain_batch_shards(jax.tree.map(jnp.add, grads, micro_grads), mesh)
     return (grads, caption_total + jnp.sum(caption_sum)), None
 
-  shards = 1 if mesh is None else mesh.shape['data']
+  shards = sharding.batch_shard_count(mesh, ('data',))
   zeros = sharding.constrain_batch_shards(
       jax.tree.map(lambda p: jnp.zeros((shards, *p.shape), p.dtype), params), mesh)
   (accumulated, caption_total), _ = jax.lax.scan(

@@ -180,6 +180,19 @@ def constrain_microbatches(x: jax.Array, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)))
 
 
+def batch_shard_count(mesh: Mesh | None, axes: tuple[str, ...]) -> int:
+  """How many shards `per_batch_shard(..., axes)` runs: the product of `axes`' sizes, or 1
+  where it runs its function whole."""
+  if mesh is None:
+    return 1
+  # XLA's SPMD partitioner fails a check (spmd_partitioner_util.cc, jax 0.10.2) on a
+  # shard_map manual over some axes that leaves two or more others of size > 1 to it: the
+  # function then runs whole, with the same result, reduced in each iteration as before.
+  if sum(mesh.shape[a] > 1 for a in MESH_AXES if a not in axes) > 1:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def per_batch_shard(fn: Callable[..., Any], mesh: Mesh | None, in_axes: tuple[int | None, ...],
                     axes: tuple[str, ...] = ('data',)) -> Callable[..., Any]:
   """`fn` run on each shard of the batch over mesh `axes` (some of `BATCH_AXES`) on its own,
@@ -188,16 +201,12 @@ def per_batch_shard(fn: Callable[..., Any], mesh: Mesh | None, in_axes: tuple[in
   Arguments with `in_axes` 0 are batches [B, ...] sharded over the batch axes: each shard of
   `axes` gets the rows its devices hold, so nothing moves; arguments with `in_axes` None are
   passed whole. `fn` runs under `shard_map` manual over `axes` only (the other axes stay
-  XLA's to partition); inside it `batch` activations map to the batch axes not in `axes`. Why: a gradient taken per shard is a local
-  sum, so one accumulated over a loop (microbatches, caption slices) needs no reduction over
-  `axes` until the caller sums the [S] axis once, where XLA reduces it in every iteration.
+  XLA's to partition); inside it `batch` activations map to the batch axes not in `axes`.
+  Why: a gradient taken per shard is a local sum, so one accumulated over a loop
+  (microbatches, caption slices) needs no reduction over `axes` until the caller sums the [S]
+  axis once, where XLA reduces it in every iteration.
   """
-  shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
-  # XLA's SPMD partitioner fails a check (spmd_partitioner_util.cc, jax 0.10.2) on a
-  # shard_map manual over some axes that leaves two or more others of size > 1 to it: `fn`
-  # then runs whole, with the same result, reduced in each iteration as before.
-  auto = [a for a in MESH_AXES if a not in axes and mesh is not None and mesh.shape[a] > 1]
-  if shards == 1 or len(auto) > 1:
+  if batch_shard_count(mesh, axes) == 1:
     return lambda *args: jax.tree.map(lambda x: x[None], fn(*args))
   rest = tuple(a for a in BATCH_AXES if a not in axes) or None
   inner_rules = tuple((name, rest) if name == 'batch' else (name, mesh_axes)
@@ -216,7 +225,7 @@ def constrain_batch_shards(tree: Any, mesh: Mesh | None, axes: tuple[str, ...] =
                            ) -> Any:
   """Arrays [S, ...] from `per_batch_shard`: the leading axis on `axes`, the rest as XLA
   propagates (a parameter's own sharding), so an accumulator of them stays per shard."""
-  if mesh is None or all(mesh.shape[a] == 1 for a in axes):
+  if batch_shard_count(mesh, axes) == 1:
     return tree
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, PartitionSpec(axes, *[PartitionSpec.UNCONSTRAINED] *
