@@ -17,7 +17,6 @@ from vlrep.data import pipeline, synthetic
 from vlrep.evals import captioning, entries
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
-from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.weights import export
 

@@ -8,12 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import load_config, shrink
+from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
-from vlrep.parallel import sharding
-from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 
 TEXTS = ['a red circle', 'two blue squares', 'three small green crosses and a circle']
@@ -26,20 +24,13 @@ def _init(config):
       jax.eval_shape(init, jax.random.key(0))
 
 
-def _on_mesh(config, params, abstract, mesh_axes, devices=None, batch_size=8):
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': 1, 'tensor': 1, **mesh_axes}), devices)
-  placed = jax.device_put(params, sharding.logical_shardings(abstract, mesh))
-  return Pretrained(config, placed, batch_size=batch_size, mesh=mesh)
-
-
 @pytest.fixture(scope='module')
 def models():
   """A shrunk tiny CoCa at its initialisation on 8 devices (data 2 x fsdp 4) and on one."""
   config = shrink(load_config('coca'))
   params, abstract = _init(config)
-  return (config, _on_mesh(config, params, abstract, {'data': 2, 'fsdp': 4}),
-          _on_mesh(config, params, abstract, {}, jax.devices()[:1], batch_size=4))
+  return (config, pretrained_on_mesh(config, params, abstract, {'data': 2, 'fsdp': 4}),
+          pretrained_on_mesh(config, params, abstract, {}, jax.devices()[:1], batch_size=4))
 
 
 def _images(n):
@@ -99,7 +90,7 @@ def test_a_model_without_multimodal_layers_is_skipped_and_bad_fields_refused():
   config.evals = ml_collections.ConfigDict({'scoring': entries.entry(
       'zeroshot_scoring', label_key='labels/shape', templates=('a {}',))})
   params, abstract = _init(config)
-  model = _on_mesh(config, params, abstract, {}, jax.devices()[:1])
+  model = pretrained_on_mesh(config, params, abstract, {}, jax.devices()[:1])
   assert Evaluator(config)(model) == {}
   with pytest.raises(ValueError, match='multimodal'):
     model.score_texts(_images(2), TEXTS)

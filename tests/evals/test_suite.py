@@ -12,26 +12,15 @@ real coco_captions files.
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from conftest import load_config, shrink
+from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.data import pipeline
 from vlrep.data.synthetic import SyntheticShapes
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
-from vlrep.parallel import sharding
-from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
-
-
-def _on_mesh(config, params, abstract, mesh_axes, devices=None):
-  """`params` placed on a mesh as training places them, in a `Pretrained` with chunks of 8."""
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': 1, 'tensor': 1, **mesh_axes}), devices)
-  placed = jax.device_put(params, sharding.logical_shardings(abstract, mesh))
-  return Pretrained(config, placed, batch_size=8, mesh=mesh)
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +31,8 @@ def model():
   init = lambda rng: init_params(coca, config, rng)
   params = jax.jit(lambda rng: nn.unbox(init(rng)))(jax.random.key(0))
   abstract = jax.eval_shape(init, jax.random.key(0))
-  return config, params, abstract, _on_mesh(config, params, abstract, {'data': 2, 'fsdp': 4})
+  return config, params, abstract, pretrained_on_mesh(config, params, abstract,
+                                                      {'data': 2, 'fsdp': 4})
 
 
 def test_one_device_and_eight_give_identical_results_with_a_partial_chunk(model):
@@ -51,7 +41,7 @@ def test_one_device_and_eight_give_identical_results_with_a_partial_chunk(model)
   config.data.eval_examples = 13  # chunks of 8: 8 + 5 padded
   config.evals.captioning.num_examples = 13
   evaluator = Evaluator(config)
-  on_one = _on_mesh(config, params, abstract, {}, jax.devices()[:1])
+  on_one = pretrained_on_mesh(config, params, abstract, {}, jax.devices()[:1])
   one, eight = evaluator(on_one), evaluator(on_eight)
   assert one == eight
   names = ' '.join(one)

@@ -9,21 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import load_config, shrink
+from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.data import video
 from vlrep.evals import entries, retrieval, zeroshot
 from vlrep.evals.suite import Evaluator
 from vlrep.models.coca import build_model
-from vlrep.parallel import sharding
-from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
-
-
-def _on_mesh(config, params, abstract, mesh_axes, devices=None):
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': 1, 'tensor': 1, **mesh_axes}), devices)
-  placed = jax.device_put(params, sharding.logical_shardings(abstract, mesh))
-  return Pretrained(config, placed, batch_size=8, mesh=mesh)
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +35,8 @@ def models():
   init = lambda rng: init_params(coca, config, rng)
   params = jax.jit(lambda rng: nn.unbox(init(rng)))(jax.random.key(0))
   abstract = jax.eval_shape(init, jax.random.key(0))
-  return (config, params, _on_mesh(config, params, abstract, {}, jax.devices()[:1]),
-          _on_mesh(config, params, abstract, {'data': 2, 'fsdp': 4}))
+  return (config, params, pretrained_on_mesh(config, params, abstract, {}, jax.devices()[:1]),
+          pretrained_on_mesh(config, params, abstract, {'data': 2, 'fsdp': 4}))
 
 
 def _videos(n=5, frames=3):

@@ -24,7 +24,6 @@ import collections
 import json
 import os
 import re
-import sys
 import time
 from typing import Any
 

@@ -120,7 +120,7 @@ def vision_params(sd: StateDict, m: ml_collections.ConfigDict) -> tuple[dict, di
 def text_params(sd: StateDict, config: ml_collections.ConfigDict,
                 prefix: str) -> tuple[dict, dict]:
   """(text decoder params, CoCa-level text projection params)."""
-  m, t = config.model, config.model.text
+  t = config.model.text
   dec = {'token_embed': {'embedding': sd[prefix + 'token_embedding.weight']},
          'pos_embed': sd[prefix + 'positional_embedding'],
          'ln_cls': _ln(sd, prefix + 'ln_final')}
