@@ -25,8 +25,9 @@ import optax
 
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals import retrieval, token_scores, zeroshot
+from vlrep.evals import video as video_embeddings
 from vlrep.models import decode
-from vlrep.models.coca import VIDEO_POOLS, CoCa, build_model
+from vlrep.models.coca import CoCa, build_model
 from vlrep.parallel import sharding
 from vlrep.parallel.chunks import in_chunks, host_inputs
 
@@ -56,11 +57,6 @@ def _image_tokens(model: CoCa, params: Any, images: jax.Array, dtype: Any) -> ja
 @functools.partial(jax.jit, static_argnums=0)
 def _classify(model: CoCa, params: Any, images: jax.Array) -> jax.Array:
   return model.apply({'params': params}, images, method=CoCa.classify)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _encode_video(model: CoCa, params: Any, videos: jax.Array, pool: str) -> jax.Array:
-  return model.apply({'params': params}, videos, pool, method=CoCa.encode_video)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -183,24 +179,7 @@ class Pretrained:
     as `preprocess_images` takes it): `pool='attn'` runs the model's attentional poolers on
     the tokens of all T frames at once, 'mean' averages the frame embeddings
     (`CoCa.encode_video`). Chunks hold about `batch_size` frames."""
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3:
-      raise ValueError(f'videos must be [B, T, H, W, 3], got {videos.shape}')
-    if pool not in VIDEO_POOLS:
-      raise ValueError(f'pool={pool!r}; expected one of {VIDEO_POOLS}')
-    if pool == 'attn' and self.config.model.image_pool != 'attn':
-      raise ValueError(f"pool='attn' needs the attentional poolers (model.image_pool='attn'), "
-                       f"not model.image_pool={self.config.model.image_pool!r}: use 'mean'")
-    if self.token_similarity:
-      raise ValueError('a FILIP model (token similarity) has no video vector')
-    frames, devices = videos.shape[1], sharding.batch_devices(self.mesh)
-    chunk = max(devices, self.batch_size // frames // devices * devices)
-
-    def prepare(x):  # every frame as `encode_image` would take it
-      flat = self.preprocess_images(x.reshape(-1, *x.shape[2:]))
-      return flat.reshape(len(x), frames, *flat.shape[1:])
-    return in_chunks(lambda x: _encode_video(self.model, self.params, x, pool), videos, chunk,
-                     self._batch_sharding, prepare)
+    return video_embeddings.encode_video(self, videos, pool)
 
   def encode_text(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
     """L2-normalised text embeddings float32 [B, E] of strings or int token rows."""

@@ -6,16 +6,25 @@ per pooling.
 (`vlrep.data.video.video_examples`); entries reading the same source, start and T share the
 decoded clips (loaded for the largest range asked) and, per pooling, their embeddings
 (`Pretrained.encode_video`), which are computed identically on every mesh and process.
+`encode_video` is that method's body: clips in chunks of frames over the mesh.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from vlrep.data import pipeline, video
+from vlrep.models.coca import VIDEO_POOLS, CoCa
+from vlrep.parallel import sharding
+from vlrep.parallel.chunks import in_chunks
+
+if TYPE_CHECKING:
+  from vlrep.pretrained import Pretrained
 
 TYPES = ('zeroshot_video', 'video_retrieval')
 
@@ -65,3 +74,31 @@ class VideoExamples:
 
   def clear(self) -> None:
     self._embedded.clear()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_video(model: CoCa, params: Any, videos: jax.Array, pool: str) -> jax.Array:
+  return model.apply({'params': params}, videos, pool, method=CoCa.encode_video)
+
+
+def encode_video(model: Pretrained, videos: np.ndarray, pool: str) -> np.ndarray:
+  """`Pretrained.encode_video`: checked, then in chunks of about `model.batch_size` frames
+  split over the mesh's batch axes (`vlrep.parallel.chunks.in_chunks`)."""
+  videos = np.asarray(videos)
+  if videos.ndim != 5 or videos.shape[-1] != 3:
+    raise ValueError(f'videos must be [B, T, H, W, 3], got {videos.shape}')
+  if pool not in VIDEO_POOLS:
+    raise ValueError(f'pool={pool!r}; expected one of {VIDEO_POOLS}')
+  if pool == 'attn' and model.config.model.image_pool != 'attn':
+    raise ValueError(f"pool='attn' needs the attentional poolers (model.image_pool='attn'), "
+                     f"not model.image_pool={model.config.model.image_pool!r}: use 'mean'")
+  if model.token_similarity:
+    raise ValueError('a FILIP model (token similarity) has no video vector')
+  frames, devices = videos.shape[1], sharding.batch_devices(model.mesh)
+  chunk = max(devices, model.batch_size // frames // devices * devices)
+
+  def prepare(x):  # every frame as `encode_image` would take it
+    flat = model.preprocess_images(x.reshape(-1, *x.shape[2:]))
+    return flat.reshape(len(x), frames, *flat.shape[1:])
+  return in_chunks(lambda x: _encode_video(model.model, model.params, x, pool), videos, chunk,
+                   model._batch_sharding, prepare)  # pylint: disable=protected-access
