@@ -179,13 +179,17 @@ def _zeroshot_scoring(name: str, entry: Any, data: _Examples,
                labels)
 
 
+def _captions_and_pairs(references: list[list[str]], entry: Any) -> tuple[list[str], Any]:
+  """Every reference caption, flattened, and which (image or clip, caption) pairs are hits."""
+  texts = [text for refs in references for text in refs]
+  ids = np.repeat(np.arange(len(references)), [len(refs) for refs in references])
+  return texts, retrieval.correct_pairs(ids, len(references), texts,
+                                        entry.identical_text_is_hit)
+
+
 def _retrieval(name: str, entry: Any, data: _Examples, model: Pretrained) -> dict[str, float]:
   examples = data.get(entry.data, entry.start, entry.num_examples)
-  texts = [text for refs in examples['references'] for text in refs]
-  text_image_ids = np.repeat(np.arange(len(examples['references'])),
-                             [len(refs) for refs in examples['references']])
-  correct = retrieval.correct_pairs(text_image_ids, len(examples['references']), texts,
-                                    entry.identical_text_is_hit)
+  texts, correct = _captions_and_pairs(examples['references'], entry)
   if model.token_similarity:
     image_to_text, text_to_image = model.token_similarity_scores(examples['images'], texts)
     recalls = retrieval.recall_from_scores(image_to_text, text_to_image.T, correct,
@@ -272,11 +276,7 @@ def _zeroshot_video(name: str, entry: Any, data: _Examples,
 
 def _video_retrieval(name: str, entry: Any, data: _Examples,
                      model: Pretrained) -> dict[str, float]:
-  references = data.videos.get(entry)['references']
-  texts = [text for refs in references for text in refs]
-  text_video_ids = np.repeat(np.arange(len(references)), [len(refs) for refs in references])
-  correct = retrieval.correct_pairs(text_video_ids, len(references), texts,
-                                    entry.identical_text_is_hit)
+  texts, correct = _captions_and_pairs(data.videos.get(entry)['references'], entry)
   recalls = retrieval.recall_at_k(data.videos.embeddings(model, entry), model.encode_text(texts),
                                   correct, tuple(entry.ks))
   return {f"{name}/{metric.replace('i2t', 'v2t').replace('t2i', 't2v')}": value
