@@ -122,6 +122,8 @@ def train_probe(tokens: np.ndarray, labels: np.ndarray, num_classes: int,
     xs, ys, ws = (jax.make_array_from_process_local_data(
         steps_sharding, a, (len(rows), padded, *a.shape[2:])) for a in local)
     params, opt_state = run_steps(params, opt_state, xs, ys, ws)
+    # One call in flight at a time: queued calls' collectives on many simulated CPU
+    # devices hit XLA:CPU's rendezvous timeout on a loaded host.
     jax.block_until_ready(params)
   return probe, params
 
