@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from config_spec import load_config
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.step import init_params
 

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 
 from config_spec import load_config
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import LossConfig, compute_losses, example_batch, init_params
 
 

@@ -30,7 +30,7 @@ import jax
 from conftest import load_config, shrink
 from vlrep import step
 from vlrep.data import pipeline
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding
 config = shrink(load_config('coca'))

@@ -19,7 +19,7 @@ from vlrep import config as vlrep_config
 from vlrep import variants
 from vlrep import step
 from vlrep.evals import entries
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 
 SAVED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'saved_configs')
 FILES = sorted(glob.glob(os.path.join(SAVED, '*.json')))

@@ -12,7 +12,7 @@ from conftest import load_config, shrink
 from vlrep import step, train
 from vlrep.data import pipeline
 from vlrep.evals import evaluate
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding
 from vlrep.runtime import checkpoint

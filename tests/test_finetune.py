@@ -16,7 +16,7 @@ from vlrep import classification, step, train
 from vlrep.data import pipeline, synthetic
 from vlrep.evals import captioning, entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.pretrained import Pretrained
 from vlrep.weights import export
 

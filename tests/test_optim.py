@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from vlrep import optim
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import init_params
 
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from vlrep import optim, param_groups
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import init_params
 
 TINY_DEPTHS = {'block': 4, 'unimodal': 2, 'multimodal': 1}  # configs/coca.py:tiny

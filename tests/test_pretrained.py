@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vlrep.data.tokenizer import BOS_ID, EOS_ID
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 

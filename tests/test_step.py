@@ -8,7 +8,7 @@ import pytest
 
 from vlrep import losses, step
 from vlrep.data import pipeline
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding
 

@@ -27,7 +27,8 @@ from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals import retrieval, token_scores, zeroshot
 from vlrep.evals import video as video_embeddings
 from vlrep.models import decode
-from vlrep.models.coca import CoCa, build_model
+from vlrep.models.build import build_model
+from vlrep.models.coca import CoCa
 from vlrep.parallel import sharding
 from vlrep.parallel.chunks import in_chunks, host_inputs
 

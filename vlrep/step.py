@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 
 from vlrep import classification, late_interaction, losses, optim, param_groups
 from vlrep.ema import ema_decay, ema_init, ema_update
-from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature, compute_dtype
+from vlrep.models.build import compute_dtype
+from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature
 from vlrep.models.text import parallel_rows
 from vlrep.parallel import sharding
 

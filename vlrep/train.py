@@ -24,7 +24,7 @@ from vlrep import classification, ema, losses, step as step_lib
 from vlrep.data import pipeline
 from vlrep.data.tokenizer import get_tokenizer
 from vlrep.evals.suite import Evaluator, check as check_evals
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.parallel import distributed, sharding
 from vlrep.pretrained import Pretrained

@@ -12,7 +12,7 @@ from conftest import assert_same_params, load_config, shrink
 from vlrep.evals import attentive_probe as ap
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params

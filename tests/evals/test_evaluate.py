@@ -15,7 +15,7 @@ from conftest import REPO, load_config, shrink
 from vlrep.evals import entries
 from vlrep.evals import evaluate
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.pretrained import Pretrained
 from vlrep.runtime import checkpoint
 from vlrep.step import init_params

@@ -11,7 +11,7 @@ import pytest
 from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import init_params
 
 TEXTS = ['a red circle', 'two blue squares', 'three small green crosses and a circle']

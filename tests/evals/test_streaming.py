@@ -13,7 +13,7 @@ from conftest import load_config, shrink
 from vlrep.data import pipeline
 from vlrep.evals import entries, zeroshot
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params
 

@@ -13,7 +13,7 @@ from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.data import video
 from vlrep.evals import entries, retrieval, zeroshot
 from vlrep.evals.suite import Evaluator
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import init_params
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import load_config, shrink
 from vlrep import losses, param_groups, step
 from vlrep.data import pipeline
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.models.text import parallel_rows
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding

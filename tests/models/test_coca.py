@@ -12,7 +12,8 @@ import pytest
 from conftest import load_config, shrink
 from vlrep.data.tokenizer import EOS_ID
 from vlrep.models import decode
-from vlrep.models.coca import CoCa, build_model, clamp_temperature
+from vlrep.models.build import build_model
+from vlrep.models.coca import CoCa, clamp_temperature
 from vlrep.pretrained import Pretrained
 from vlrep.step import example_batch, init_params, output_head
 

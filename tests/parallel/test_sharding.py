@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vlrep import step, train
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.parallel import sharding
 from vlrep.tools import plan
 

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlrep import step
 from vlrep.data import pipeline
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding
 from vlrep.runtime import checkpoint

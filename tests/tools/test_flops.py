@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from conftest import load_config
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import LossConfig, compute_losses, example_batch, init_params
 from vlrep.tools import flops
 

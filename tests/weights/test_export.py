@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 
 import vlrep
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params

@@ -12,7 +12,7 @@ import pytest
 
 import vlrep
 from vlrep import train
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
 from vlrep.step import init_params

@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.step import init_params
 
 # (part, pattern on the '/'-joined parameter path); the first match wins. Stacks are

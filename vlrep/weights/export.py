@@ -27,7 +27,7 @@ import safetensors.numpy
 from jax.experimental import multihost_utils
 
 from vlrep.config import migrate
-from vlrep.models.coca import build_model
+from vlrep.models.build import build_model
 from vlrep.parallel import sharding
 from vlrep.parallel.chunks import to_host
 from vlrep.runtime import paths

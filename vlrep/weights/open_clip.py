@@ -233,7 +233,7 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any,
   import flax.linen as nn
   from vlrep import step
   from vlrep.weights import export
-  from vlrep.models.coca import build_model
+  from vlrep.models.build import build_model
 
   model = build_model(config)
   expected = jax.eval_shape(
