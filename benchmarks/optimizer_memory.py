@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 
 from config_spec import load_config
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.optim import make_optimizer
-from vlrep.step import init_params
 
 # (row name, optim.name, optim.factor_min_dim or None for the config's)
 OPTIMIZERS = (('adamw', 'adamw', None), ('adafactor', 'adafactor', None),

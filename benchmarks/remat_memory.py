@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 
 from config_spec import load_config
-from vlrep.models.build import build_model
-from vlrep.step import LossConfig, compute_losses, example_batch, init_params
+from vlrep.models.build import build_model, example_batch, init_params
+from vlrep.step import LossConfig, compute_losses
 
 
 def measure(config, batch_size: int) -> dict[str, float]:

@@ -17,9 +17,8 @@ import pytest
 
 from vlrep import config as vlrep_config
 from vlrep import variants
-from vlrep import step
 from vlrep.evals import entries
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 
 SAVED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'saved_configs')
 FILES = sorted(glob.glob(os.path.join(SAVED, '*.json')))
@@ -48,7 +47,7 @@ def test_saved_config_migrates_and_builds_the_model(path):
     entries.check(name, entry)
   model = build_model(config)
   if os.path.basename(path).startswith('tiny'):
-    params = jax.eval_shape(lambda: step.init_params(model, config, jax.random.key(0)))
+    params = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
     assert 'image_encoder' in params and 'text_decoder' in params
 
 

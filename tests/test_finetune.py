@@ -16,7 +16,7 @@ from vlrep import classification, step, train
 from vlrep.data import pipeline, synthetic
 from vlrep.evals import captioning, entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.pretrained import Pretrained
 from vlrep.weights import export
 
@@ -35,7 +35,7 @@ def source(tmp_path_factory):
   seed-1 initialisation: init_from reads it as it reads a run, and costs no training)."""
   config = shrink(load_config('coca'))
   model = build_model(config)
-  arrays = jax.jit(lambda: nn.unbox(step.init_params(model, config, jax.random.key(1))))()
+  arrays = jax.jit(lambda: nn.unbox(init_params(model, config, jax.random.key(1))))()
   return export.save(str(tmp_path_factory.mktemp('source')), config, arrays), arrays
 
 
@@ -146,11 +146,11 @@ def test_classification_config_errors_name_the_field(config):
     train.validate(pretrain)
   pretrain.model.num_classes = 4  # read only by loss.kind='classification'
   assert 'classifier' not in jax.eval_shape(
-      lambda: step.init_params(build_model(pretrain), pretrain, jax.random.key(0)))
+      lambda: init_params(build_model(pretrain), pretrain, jax.random.key(0)))
   # The head with an attentional pooler of its own (shapes only: nothing compiles).
   config.data.label_key, config.model.classifier_pool = 'labels/shape', 'attn'
   model = build_model(config)
-  params = jax.eval_shape(lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))
+  params = jax.eval_shape(lambda: nn.unbox(init_params(model, config, jax.random.key(0))))
   assert set(params['classifier']) == {'pooler', 'head'}
   logits = jax.eval_shape(lambda p, x: model.apply({'params': p}, x, method=type(model).classify),
                           params, jax.ShapeDtypeStruct((3, 16, 16, 3), np.uint8))

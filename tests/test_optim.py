@@ -10,8 +10,7 @@ import optax
 import pytest
 
 from vlrep import optim
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 
 def test_warmup_then_cosine_and_linear(config):

@@ -12,8 +12,7 @@ import optax
 import pytest
 
 from vlrep import optim, param_groups
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 TINY_DEPTHS = {'block': 4, 'unimodal': 2, 'multimodal': 1}  # configs/coca.py:tiny
 

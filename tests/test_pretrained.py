@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from vlrep.data.tokenizer import BOS_ID, EOS_ID
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 
 from conftest import load_config, shrink
 

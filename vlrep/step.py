@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from vlrep import classification, late_interaction, losses, optim, param_groups
 from vlrep.ema import ema_decay, ema_init, ema_update
-from vlrep.models.build import compute_dtype
+from vlrep.models.build import init_params
 from vlrep.models.coca import TEMPERATURE_KEYS, CoCa, clamp_temperature
 from vlrep.models.text import parallel_rows
 from vlrep.parallel import sharding
@@ -331,26 +331,6 @@ def _relax_names(boxed: Any) -> Any:
       return x.replace(names=(None,) * x.value.ndim)
     return x
   return jax.tree.map(relax, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> Batch:
-  """Zero batch with the shapes and dtypes the pipeline produces (for init and tracing)."""
-  size, frames = config.data.image_size, config.data.frames  # frames > 0: video clips
-  return {'images': jnp.zeros((batch_size, *((frames,) if frames else ()), size, size, 3),
-                              jnp.uint8),
-          'tokens': jnp.zeros((batch_size, config.data.max_text_len), jnp.int32)}
-
-
-def init_params(model: CoCa, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
-  """Parameters boxed with their logical axis names (unbox with `nn.unbox`).
-
-  Stored in `model.param_dtype` (float32 master weights by default, whatever `model.dtype`
-  the layers compute in: they cast the parameters as they use them).
-  """
-  batch = example_batch(config)
-  params = model.init(rng, batch['images'], batch['tokens'])['params']
-  dtype = compute_dtype(config.model.param_dtype, 'model.param_dtype')
-  return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
 
 
 def _state_builder(model: CoCa, tx: optax.GradientTransformation,

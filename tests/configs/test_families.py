@@ -18,11 +18,10 @@ from vlrep.data import pipeline, synthetic
 from vlrep.variants import LIT_IMAGE_SIDE
 from vlrep.evals import entries, retrieval, zeroshot
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.models.coca import CoCa
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 from vlrep.weights import export
 
 

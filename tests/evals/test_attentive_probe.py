@@ -12,10 +12,9 @@ from conftest import assert_same_params, load_config, shrink
 from vlrep.evals import attentive_probe as ap
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 
 _SHAPE = dict(label_key='labels/shape', train_data='synthetic:test', train_start=5_000)
 

@@ -15,10 +15,9 @@ from conftest import REPO, load_config, shrink
 from vlrep.evals import entries
 from vlrep.evals import evaluate
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.pretrained import Pretrained
 from vlrep.runtime import checkpoint
-from vlrep.step import init_params
 
 
 def _write_run(workdir: str, config: ml_collections.ConfigDict, steps: dict) -> None:

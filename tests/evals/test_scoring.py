@@ -11,8 +11,7 @@ import pytest
 from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.evals import entries
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 TEXTS = ['a red circle', 'two blue squares', 'three small green crosses and a circle']
 

@@ -13,9 +13,8 @@ from conftest import load_config, shrink
 from vlrep.data import pipeline
 from vlrep.evals import entries, zeroshot
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 
 SIZE = 64
 SHAPES = ('circle', 'square', 'triangle', 'cross')

@@ -19,8 +19,7 @@ from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.data import pipeline
 from vlrep.data.synthetic import SyntheticShapes
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 
 @pytest.fixture(scope='module')

@@ -13,8 +13,7 @@ from conftest import load_config, pretrained_on_mesh, shrink
 from vlrep.data import video
 from vlrep.evals import entries, retrieval, zeroshot
 from vlrep.evals.suite import Evaluator
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 
 @pytest.fixture(scope='module')

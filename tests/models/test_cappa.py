@@ -12,7 +12,7 @@ import pytest
 from conftest import load_config, shrink
 from vlrep import losses, param_groups, step
 from vlrep.data import pipeline
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.models.text import parallel_rows
 from vlrep.optim import make_optimizer
 from vlrep.parallel import sharding
@@ -25,7 +25,7 @@ CONTRASTIVE_PARTS = ('contrastive_pooler', 'image_projection', 'text_projection'
 def _setup(name):
   config = shrink(load_config(name))
   model = build_model(config)
-  params = jax.jit(lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))()
+  params = jax.jit(lambda: nn.unbox(init_params(model, config, jax.random.key(0))))()
   batch = next(iter(pipeline.train_dataset(config, 0, 1)))
   return config, model, params, batch
 

@@ -12,10 +12,10 @@ import pytest
 from conftest import load_config, shrink
 from vlrep.data.tokenizer import EOS_ID
 from vlrep.models import decode
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, example_batch, init_params
 from vlrep.models.coca import CoCa, clamp_temperature
 from vlrep.pretrained import Pretrained
-from vlrep.step import example_batch, init_params, output_head
+from vlrep.step import output_head
 
 
 def test_forward_shapes_and_normalised_embeddings(config):

@@ -13,9 +13,8 @@ import pytest
 
 from vlrep.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from vlrep.models import decode
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.models.coca import CoCa
-from vlrep.step import init_params
 
 from conftest import load_config, shrink
 

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlrep.data.tokenizer import ByteTokenizer
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.models.coca import CoCa
-from vlrep.step import init_params
 import flax.linen as nn
 
 

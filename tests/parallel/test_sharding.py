@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlrep import step, train
-from vlrep.models.build import build_model
+from vlrep import train
+from vlrep.models.build import build_model, init_params
 from vlrep.parallel import sharding
 from vlrep.tools import plan
 
@@ -96,7 +96,7 @@ def test_replication_above_the_threshold_names_the_array(config):
 
 def _encode_image_hlo(config, mesh, rules: bool) -> str:
   model = build_model(config)
-  params = jax.eval_shape(lambda: step.init_params(model, config, jax.random.key(0)))
+  params = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
   params = nn.unbox(params)
   images = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.uint8)
   replicated = NamedSharding(mesh, PartitionSpec())

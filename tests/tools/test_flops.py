@@ -11,8 +11,8 @@ import jax
 import pytest
 
 from conftest import load_config
-from vlrep.models.build import build_model
-from vlrep.step import LossConfig, compute_losses, example_batch, init_params
+from vlrep.models.build import build_model, example_batch, init_params
+from vlrep.step import LossConfig, compute_losses
 from vlrep.tools import flops
 
 

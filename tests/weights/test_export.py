@@ -11,10 +11,9 @@ import pytest
 import safetensors.numpy
 
 import vlrep
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 from vlrep.weights import export
 
 

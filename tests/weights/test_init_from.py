@@ -12,10 +12,9 @@ import pytest
 
 import vlrep
 from vlrep import train
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.parallel import sharding
 from vlrep.pretrained import Pretrained
-from vlrep.step import init_params
 from vlrep.weights import export, init_from
 
 from conftest import load_config, shrink

@@ -1,15 +1,21 @@
-"""Builds the model a config describes: `build_model(config)` is the one constructor of `CoCa`.
+"""Builds the model a config describes and its parameters: `build_model(config)` is the one
+constructor of `CoCa`, `init_params` its initial parameters.
 
 Every model family (CoCa, CLIP, SigLIP, Cap/CapPa, FILIP, fine-tuning classifiers) is one
-`vlrep.models.coca.CoCa` with other settings; this module reads `config.model`, `config.data`
-and `config.loss`, checks every option against the values it takes (`POOLERS`, `IMAGE_POOLS`,
-`DTYPES`, ...) and the combinations that go together, and passes them to the towers
-(`models/vision.py`, `models/text.py`) and the poolers. `compute_dtype` turns a dtype field
-into a dtype for any caller.
+`vlrep.models.coca.CoCa` with other settings; `build_model` reads `config.model`,
+`config.data` and `config.loss`, checks every option against the values it takes (`POOLERS`,
+`IMAGE_POOLS`, `DTYPES`, ...) and the combinations that go together, and passes them to the
+towers (`models/vision.py`, `models/text.py`) and the poolers. `init_params` initialises it
+on `example_batch` (the zero batch of the pipeline's shapes and dtypes, also what tracing and
+planning use) and stores the parameters in `model.param_dtype`; `compute_dtype` turns a dtype
+field into a dtype.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -44,7 +50,7 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
   `layers.BlockStack`). Every field is read as given: a saved config of an earlier layout
   goes through `vlrep.config.migrate` first.
   `model.dtype` is the compute dtype of every layer (embeddings and losses stay float32);
-  the parameters' dtype, `model.param_dtype`, is applied by `vlrep.step.init_params`.
+  the parameters' dtype, `model.param_dtype`, is applied by `init_params`.
   """
   model = config.model
   vision, text = model.vision, model.text
@@ -128,3 +134,24 @@ def build_model(config: ml_collections.ConfigDict, decode: bool = False) -> CoCa
       image_projection_layer=model.image_projection, contrastive=contrastive,
       token_similarity=token_similarity, num_classes=num_classes,
       classifier_pool=model.classifier_pool)
+
+
+def example_batch(config: ml_collections.ConfigDict,
+                  batch_size: int = 1) -> dict[str, jax.Array]:
+  """Zero batch with the shapes and dtypes the pipeline produces (for init and tracing)."""
+  size, frames = config.data.image_size, config.data.frames  # frames > 0: video clips
+  return {'images': jnp.zeros((batch_size, *((frames,) if frames else ()), size, size, 3),
+                              jnp.uint8),
+          'tokens': jnp.zeros((batch_size, config.data.max_text_len), jnp.int32)}
+
+
+def init_params(model: CoCa, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+  """Parameters boxed with their logical axis names (unbox with `nn.unbox`).
+
+  Stored in `model.param_dtype` (float32 master weights by default, whatever `model.dtype`
+  the layers compute in: they cast the parameters as they use them).
+  """
+  batch = example_batch(config)
+  params = model.init(rng, batch['images'], batch['tokens'])['params']
+  dtype = compute_dtype(config.model.param_dtype, 'model.param_dtype')
+  return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)

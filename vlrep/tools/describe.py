@@ -17,8 +17,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from vlrep.models.build import build_model
-from vlrep.step import init_params
+from vlrep.models.build import build_model, init_params
 
 # (part, pattern on the '/'-joined parameter path); the first match wins. Stacks are
 # `multimodal_<i>` per layer, or one `multimodal` with `model.scan_layers`.

@@ -33,7 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vlrep import step as step_lib, train
+from vlrep import train
+from vlrep.models.build import example_batch
 from vlrep.tools import flops as flops_lib
 
 GPU_TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
@@ -182,7 +183,7 @@ def plan(config: ml_collections.ConfigDict, target: str, slices: int = 1) -> dic
     setup = train.setup_step(config, devices)
   except train.ConfigError as e:
     raise PlanError(str(e)) from e
-  shapes = jax.eval_shape(lambda: step_lib.example_batch(config, config.batch_size))
+  shapes = jax.eval_shape(lambda: example_batch(config, config.batch_size))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding)
            for k, v in shapes.items()}
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -27,7 +27,7 @@ import safetensors.numpy
 from jax.experimental import multihost_utils
 
 from vlrep.config import migrate
-from vlrep.models.build import build_model
+from vlrep.models.build import build_model, init_params
 from vlrep.parallel import sharding
 from vlrep.parallel.chunks import to_host
 from vlrep.runtime import paths
@@ -97,9 +97,8 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
 
 def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
   """The model's parameter tree as ShapeDtypeStructs carrying their shardings on `mesh`."""
-  from vlrep import step  # pylint: disable=g-import-not-at-top  (optax only when needed)
   model = build_model(config)
-  boxed = jax.eval_shape(lambda: step.init_params(model, config, jax.random.key(0)))
+  boxed = jax.eval_shape(lambda: init_params(model, config, jax.random.key(0)))
   shardings = sharding.logical_shardings(boxed, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.unbox(boxed), shardings)

@@ -231,13 +231,12 @@ def _check_shapes(config: ml_collections.ConfigDict, params: Any,
   """The converted tree must be exactly the tree `build_model(config)` initialises."""
   import jax
   import flax.linen as nn
-  from vlrep import step
   from vlrep.weights import export
-  from vlrep.models.build import build_model
+  from vlrep.models.build import build_model, init_params
 
   model = build_model(config)
   expected = jax.eval_shape(
-      lambda: nn.unbox(step.init_params(model, config, jax.random.key(0))))
+      lambda: nn.unbox(init_params(model, config, jax.random.key(0))))
   export.check_shapes(expected, params, what)
 
 
