@@ -16,7 +16,7 @@ beam = pytest.importorskip('apache_beam')
 
 from conftest import REPO  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_ingest import _image_bytes, _shard_bytes, _tar, _write  # pylint: disable=all
-from vlrep.data import ingest, ingest_beam  # pylint: disable=wrong-import-position
+from vlrep.data import ingest, ingest_beam, ingest_output  # pylint: disable=wrong-import-position
 from vlrep.runtime import paths  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.beam
@@ -50,7 +50,7 @@ def _bucket_bytes(directory) -> dict:
 @pytest.mark.parametrize('num_shards, per_shard', [(3, None), (None, 7)])
 def test_beam_writes_the_local_ingest_bytes(tmp_path, monkeypatch, num_shards, per_shard):
   if per_shard:  # several shards of contiguous runs, and several rank blocks
-    monkeypatch.setattr(ingest, 'RECORDS_PER_SHARD', per_shard)
+    monkeypatch.setattr(ingest_output, 'RECORDS_PER_SHARD', per_shard)
   monkeypatch.setattr(ingest_beam, 'BLOCK', 4)
   pairs = _csv_input(tmp_path / 'in')
   local = ingest.ingest(pairs, str(tmp_path / 'local'), num_shards=num_shards, workers=1)

@@ -9,8 +9,9 @@ them (`key.jpg`, `key.txt`, `key.json`); `vlrep.data.ingest_inputs` reads these 
 samples. Every image is validated (decoded in full, size-checked) in parallel worker processes
 and stored as its original encoded bytes in a `vlrep.data.records` record; broken rows are
 skipped and counted by reason, and only an input with no valid row at all is an error. The
-output is `DIR/data-XXXXX-of-YYYYY.array_record` plus `DIR/manifest.json`, and is byte-identical
-for the same input: records keep the input's order (CSV rows, COCO's images list, sorted paths).
+output is `DIR/data-XXXXX-of-YYYYY.array_record` plus `DIR/manifest.json`
+(`vlrep.data.ingest_output` writes them), and is byte-identical for the same input: records
+keep the input's order (CSV rows, COCO's images list, sorted paths).
 Skip reasons: missing_image, empty_image, unreadable_image, not_an_image, unsupported_format,
 truncated_image, image_too_large, missing_caption, empty_caption, bad_caption_encoding,
 corrupt_tar_member, corrupt_tar (a shard, or its rest, unreadable), bad_csv_row; bad or
@@ -25,10 +26,8 @@ import concurrent.futures
 import dataclasses
 import io
 import itertools
-import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 import warnings
@@ -38,15 +37,13 @@ from absl import app, flags
 from array_record.python import array_record_module
 from PIL import Image, ImageOps
 
-from vlrep.data import ingest_inputs, records
+from vlrep.data import ingest_inputs, ingest_output, records
 from vlrep.runtime import paths
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_IMAGE_BYTES = 256 << 20
-RECORDS_PER_SHARD = 10_000
 # Formats the training pipeline's decoder (PIL) reads reliably; MPO is a camera JPEG.
 IMAGE_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'WEBP', 'BMP', 'GIF', 'TIFF'})
-MANIFEST = 'manifest.json'
 _CHUNK = 16  # samples per task sent to a worker: amortises pickling without hurting balance
 
 
@@ -211,69 +208,16 @@ def _results(samples: Iterable[ingest_inputs.Sample], options: _Options,
       yield from pending.popleft().result()
 
 
-class _ShardWriter:
-  """Round-robin over `num_shards` shards, or contiguous RECORDS_PER_SHARD runs if None.
-
-  Shards are written under temporary names, as their final names hold the shard count.
-  """
-
-  def __init__(self, directory: str, num_shards: int | None):
-    self._directory, self._num_shards, self._writers, self.count = directory, num_shards, [], 0
-
-  def _path(self, index: int) -> str:
-    return os.path.join(self._directory, f'.data-{index:05d}.partial')
-
-  def write(self, record: bytes) -> None:
-    shard = (self.count % self._num_shards if self._num_shards
-             else self.count // RECORDS_PER_SHARD)
-    while len(self._writers) <= shard:
-      # group_size:1 makes every record its own chunk: random access (grain) reads one record.
-      self._writers.append(array_record_module.ArrayRecordWriter(
-          self._path(len(self._writers)), 'group_size:1'))
-    self._writers[shard].write(record)
-    self.count += 1
-
-  def close(self, keep: bool) -> list[str]:
-    """The shards' final names if `keep`, else deletes them."""
-    names = [f'data-{i:05d}-of-{len(self._writers):05d}.array_record'
-             for i in range(len(self._writers))]
-    for index, (writer, name) in enumerate(zip(self._writers, names)):
-      writer.close()
-      if keep:
-        os.replace(self._path(index), os.path.join(self._directory, name))
-      else:
-        os.remove(self._path(index))
-    return names
-
-
-def _prepare_output(directory: str, overwrite: bool) -> None:
-  paths.makedirs(directory)
-  existing = paths.listdir(directory)
-  if existing and not overwrite:
-    raise FileExistsError(f'{directory} is not empty; pass --overwrite to replace its shards')
-  for name in existing:  # only what an ingest run writes: never the user's other files
-    if name == MANIFEST or re.fullmatch(r'\.?data-\d+(-of-\d+\.array_record|\.partial)', name):
-      paths.remove(paths.join(directory, name))
-
-
-def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
-  paths.write_text(paths.join(directory, MANIFEST), json.dumps(manifest, indent=2) + '\n')
-
-
-def _format_counts(counts: dict[str, int]) -> str:
-  return ', '.join(f'{reason}={count}' for reason, count in sorted(counts.items()))
-
-
 def summary_line(manifest: dict[str, Any], directory: str) -> str:
   """`wrote N records (M captions) to K shards in DIR; skipped S: reason=count, ...`."""
   skipped = manifest['skipped']
   line = (f"wrote {manifest['records']} records ({manifest['captions']} captions) to "
           f"{len(manifest['shards'])} shards in {directory}; skipped {sum(skipped.values())}")
   if skipped:
-    line += ': ' + _format_counts(skipped)
+    line += ': ' + ingest_output.format_counts(skipped)
   if manifest['dropped_captions']:
     line += (f"; dropped {sum(manifest['dropped_captions'].values())} captions: "
-             + _format_counts(manifest['dropped_captions']))
+             + ingest_output.format_counts(manifest['dropped_captions']))
   return line
 
 
@@ -308,7 +252,7 @@ def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
   skipped = collections.Counter()
   samples = ingest_inputs.read_samples(input_path, fmt, skipped, max_image_bytes)
   output_dir = paths.check(output_dir)
-  _prepare_output(output_dir, overwrite)
+  ingest_output.prepare_output(output_dir, overwrite)
   options = _Options(int(max_pixels), int(max_side), int(max_image_bytes))
   dropped = collections.Counter()
   with paths.local_folder(output_dir) as folder:
@@ -317,7 +261,7 @@ def ingest(input_path: str, output_dir: str, *, num_shards: int | None = None,
     if paths.is_remote(output_dir):
       paths.copy_tree(folder, output_dir, manifest['shards'])
   manifest = {'source': input_path, 'format': fmt, **manifest}
-  write_manifest(output_dir, manifest)
+  ingest_output.write_manifest(output_dir, manifest)
   return manifest
 
 
@@ -326,7 +270,7 @@ def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: i
                   skipped: collections.Counter, dropped: collections.Counter) -> dict[str, Any]:
   """Validates `samples` into ArrayRecord shards in the local `folder`; the manifest's
   counts. Raises NoValidRecordsError (deleting the shards) if none was valid."""
-  writer, captions = _ShardWriter(folder, num_shards), 0
+  writer, captions = ingest_output.ShardWriter(folder, num_shards), 0
   bar = _Progress(progress)
   try:
     for record, reason, count, dropped_here in _results(samples, options,
@@ -344,8 +288,9 @@ def _write_shards(input_path: str, samples: Iterable, folder: str, num_shards: i
   bar.update(writer.count, sum(skipped.values()), final=True)
   if not writer.count:
     writer.close(keep=False)
-    raise NoValidRecordsError(f'no valid image-caption pairs in {input_path}; skipped '
-                              f'{sum(skipped.values())}: {_format_counts(skipped) or "nothing"}')
+    raise NoValidRecordsError(
+        f'no valid image-caption pairs in {input_path}; skipped {sum(skipped.values())}: '
+        f'{ingest_output.format_counts(skipped) or "nothing"}')
   return {'records': writer.count, 'captions': captions, 'skipped': dict(sorted(skipped.items())),
           'dropped_captions': dict(sorted(dropped.items())), 'shards': writer.close(keep=True),
           'created_with': 'vlrep.data.ingest'}
@@ -380,7 +325,8 @@ if __name__ == '__main__':
                       'shards (braces allowed).')
   flags.DEFINE_string('output', None, 'Directory for the ArrayRecord shards and manifest.json.')
   flags.DEFINE_integer('num_shards', None, 'Shards, records dealt round-robin (never more '
-                       f'shards than records); default one per {RECORDS_PER_SHARD} records.')
+                       'shards than records); default one per '
+                       f'{ingest_output.RECORDS_PER_SHARD} records.')
   flags.DEFINE_integer('workers', None, 'Validation processes; default: one per core.')
   flags.DEFINE_integer('max_pixels', DEFAULT_MAX_PIXELS, 'Larger images are skipped.')
   flags.DEFINE_integer('max_side', 0, 'If > 0, images with a longer side are downscaled '

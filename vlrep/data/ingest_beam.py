@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from array_record.python import array_record_module
 
-from vlrep.data import ingest, ingest_inputs
+from vlrep.data import ingest, ingest_inputs, ingest_output
 from vlrep.runtime import paths
 
 NAMESPACE = 'vlrep.ingest'
@@ -77,12 +77,12 @@ def _offsets(counts: Sequence[tuple[tuple, int]]) -> dict[tuple, int]:
 
 
 def shard_count(total: int, num_shards: int | None) -> int:
-  """How many shards the local ingest writes for `total` records (`ingest._ShardWriter`)."""
-  return min(num_shards, total) if num_shards else -(-total // ingest.RECORDS_PER_SHARD)
+  """How many shards `ingest_output.ShardWriter` writes for `total` records."""
+  return min(num_shards, total) if num_shards else -(-total // ingest_output.RECORDS_PER_SHARD)
 
 
 def _shard_of(rank: int, num_shards: int | None) -> int:
-  return rank % num_shards if num_shards else rank // ingest.RECORDS_PER_SHARD
+  return rank % num_shards if num_shards else rank // ingest_output.RECORDS_PER_SHARD
 
 
 def _ranked(item: tuple[tuple, list], offsets: dict[tuple, int],
@@ -127,7 +127,7 @@ def ingest_beam(input_path: str, output_dir: str, *, pipeline_args: Sequence[str
     shards = list(enumerate(ingest_inputs.tar_paths(input_path)))
   else:
     samples = list(ingest_inputs.read_samples(input_path, fmt, listed, max_image_bytes))
-  ingest._prepare_output(output_dir, overwrite)  # pylint: disable=protected-access
+  ingest_output.prepare_output(output_dir, overwrite)
 
   pipeline = beam.Pipeline(options=PipelineOptions(list(pipeline_args)))
   if fmt == 'tar':
@@ -163,12 +163,12 @@ def ingest_beam(input_path: str, output_dir: str, *, pipeline_args: Sequence[str
   if not records:
     raise ingest.NoValidRecordsError(
         f'no valid image-caption pairs in {input_path}; skipped {sum(counts.values())}: '
-        f'{ingest._format_counts(counts) or "nothing"}')  # pylint: disable=protected-access
+        f'{ingest_output.format_counts(counts) or "nothing"}')
   total = shard_count(records, num_shards)
   manifest = {'source': input_path, 'format': fmt, 'records': records, 'captions': captions,
               'skipped': dict(sorted((k, v) for k, v in counts.items() if v)),
               'dropped_captions': dict(sorted((k, v) for k, v in dropped.items() if v)),
               'shards': [f'data-{i:05d}-of-{total:05d}.array_record' for i in range(total)],
               'created_with': 'vlrep.data.ingest'}
-  ingest.write_manifest(output_dir, manifest)
+  ingest_output.write_manifest(output_dir, manifest)
   return manifest

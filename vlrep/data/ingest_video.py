@@ -21,7 +21,7 @@ import collections
 import os
 from typing import Any, Iterator
 
-from vlrep.data import ingest, records, video
+from vlrep.data import ingest, ingest_output, records, video
 from vlrep.data.ingest_inputs import IMAGE_EXTENSIONS, Sample
 from vlrep.runtime import paths
 
@@ -88,11 +88,11 @@ def ingest_video(input_path: str, output_dir: str, *, num_shards: int | None = N
     raise ValueError(f'num_shards must be positive, not {num_shards}')
   samples = list(clip_samples(input_path))
   output_dir = paths.check(output_dir)
-  ingest._prepare_output(output_dir, overwrite)
+  ingest_output.prepare_output(output_dir, overwrite)
   options = ingest._Options(int(max_pixels), int(max_side), int(max_image_bytes))
   skipped, dropped = collections.Counter(), collections.Counter()
   with paths.local_folder(output_dir) as folder:
-    writer, captions = ingest._ShardWriter(folder, num_shards), 0
+    writer, captions = ingest_output.ShardWriter(folder, num_shards), 0
     try:
       for sample in samples:
         try:
@@ -112,7 +112,7 @@ def ingest_video(input_path: str, output_dir: str, *, num_shards: int | None = N
       writer.close(keep=False)
       raise ingest.NoValidRecordsError(
           f'no valid captioned clips in {input_path}; skipped {sum(skipped.values())}: '
-          f'{ingest._format_counts(skipped) or "nothing"}')
+          f'{ingest_output.format_counts(skipped) or "nothing"}')
     manifest = {'source': input_path, 'format': 'video', 'max_frames': max_frames,
                 'records': writer.count, 'captions': captions,
                 'skipped': dict(sorted(skipped.items())),
@@ -120,5 +120,5 @@ def ingest_video(input_path: str, output_dir: str, *, num_shards: int | None = N
                 'shards': writer.close(keep=True), 'created_with': 'vlrep.data.ingest --video'}
     if paths.is_remote(output_dir):
       paths.copy_tree(folder, output_dir, manifest['shards'])
-  ingest.write_manifest(output_dir, manifest)
+  ingest_output.write_manifest(output_dir, manifest)
   return manifest
