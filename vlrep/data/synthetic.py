@@ -129,7 +129,9 @@ def draw(centres: list[tuple[float, float]], radii: list[float], colours: list[n
     dx = coords[lo_x:hi_x][None, :] - cx
     dy = coords[lo_y:hi_y][:, None] - cy
     canvas[lo_y:hi_y, lo_x:hi_x][_inside(shape, dx, dy, r)] = colour
-  # Box-filter down to image_size; strided adds are several times faster than .mean().
+  # Box-filter down to image_size with strided adds rather than a reshape and .mean(): the
+  # renderer is on the demo's input path, and this is the cheaper of the two
+  # (benchmarks/RESULTS.md, "Input speed").
   image = sum(canvas[dy::_SUPERSAMPLE, dx::_SUPERSAMPLE]
               for dy in range(_SUPERSAMPLE) for dx in range(_SUPERSAMPLE)) / _SUPERSAMPLE**2
   image += rng.normal(0, 4, size=image.shape).astype(np.float32)

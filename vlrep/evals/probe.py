@@ -38,7 +38,7 @@ def _fit(x: jax.Array, targets: jax.Array, weights: jax.Array, l2: jax.Array,
     return jnp.sum(weights * xent) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(params['w'] ** 2)
 
   # Backtracking (Armijo) rather than optax's default zoom line search: as good on this
-  # smooth convex loss, and it compiles in about half the time.
+  # smooth convex loss, and quicker to compile (benchmarks/RESULTS.md, "Linear probe").
   optimizer = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(
       max_backtracking_steps=20, store_grad=True))
   value_and_grad = optax.value_and_grad_from_state(loss)
