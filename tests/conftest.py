@@ -14,15 +14,15 @@ import sys
 import tempfile
 
 DEVICE_COUNT = 8
+# Tests compile far more than they run: skipping LLVM's optimisations, and emitting fusions
+# with XLA:CPU's older elemental emitters rather than its MLIR fusion emitters (which halves a
+# train step's compile; benchmarks/RESULTS.md, "Test suite"), change no result beyond float
+# rounding. Subprocesses that set XLA_FLAGS of their own start from these.
+COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 if 'jax' not in sys.modules:
-  # Tests compile far more than they run: skipping LLVM's optimisations, and emitting
-  # fusions with XLA:CPU's older elemental emitters rather than its MLIR fusion emitters
-  # (which halves a train step's compile; benchmarks/RESULTS.md, "Test suite"), change no
-  # result beyond float rounding.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_force_host_platform_device_count={DEVICE_COUNT}'
-                             ' --xla_backend_optimization_level=0'
-                             ' --xla_cpu_use_fusion_emitters=false').strip()
+                             f' --xla_force_host_platform_device_count={DEVICE_COUNT} ' +
+                             COMPILE_FLAGS).strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # Many tests compile the same small programs again (each training run, every `python -m

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, override_flags
+from conftest import COMPILE_FLAGS, REPO, override_flags
 from vlrep.tools import bench, flops
 
 KEYS = ('compile_s', 'step_s', 'examples_per_s', 'model_flops_per_step', 'achieved_tflops',
@@ -22,9 +22,10 @@ def test_bench_prints_one_json_line_with_every_figure(config):
       [sys.executable, '-m', 'vlrep.bench', '--config=configs/coca.py:tiny', '--steps=2',
        *override_flags(config)],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      # One CPU device (not conftest's eight): the same step, compiled in less time.
+      # One CPU device (not conftest's eight) and conftest's compile flags: the same step,
+      # compiled in less time.
       env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO,
-               XLA_FLAGS='--xla_backend_optimization_level=0'))
+               XLA_FLAGS=COMPILE_FLAGS))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(KEYS) <= set(result)

@@ -4,7 +4,6 @@ Compile-only devices from libtpu and the CUDA plugin (test extras); the shrunk t
 compiles in seconds. The collective counts are those of the fixed config below on a v5e 2x2
 slice; a change in how gradients are reduced shows up in them."""
 
-import json
 import os
 import subprocess
 import sys
@@ -103,15 +102,22 @@ def test_gpu_plan_gives_memory_and_no_xla_estimate():
     ('tpu:v9:2x2', {}, "TPU version 'v9'"),
     ('gpu:h200:1x2', {'mesh.dcn_data': 2}, 'the devices are 1 processes'),
 ])
-def test_impossible_target_fails_in_one_line_before_compiling(small, target, overrides, message):
-  flags = override_flags(small, **overrides)
+def test_impossible_target_fails_before_compiling(small, target, overrides, message):
+  for field, value in overrides.items():
+    section, name = field.split('.') if '.' in field else (None, field)
+    (small[section] if section else small)[name] = value
+  with pytest.raises(plan.PlanError, match=message):
+    plan.plan(small, target)
+
+
+def test_plan_errors_are_one_line_from_the_command_line(small):
   result = subprocess.run(
-      [sys.executable, '-m', 'vlrep.plan', '--config=configs/coca.py:tiny', f'--target={target}',
-       *flags], cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, PYTHONPATH=REPO))
+      [sys.executable, '-m', 'vlrep.plan', '--config=configs/coca.py:tiny', '--target=tpu:v5e:2x2',
+       *override_flags(small, batch_size=6)], cwd=REPO, capture_output=True, text=True,
+      timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode == 1, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith('vlrep.plan: error:')]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert len(errors) == 1 and 'batch_size 6 does not divide' in errors[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
 
 
