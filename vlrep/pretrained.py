@@ -349,7 +349,8 @@ class Pretrained:
     for start in range(0, padded, text_batch):
       group = jax.make_array_from_process_local_data(
           replicated, tokens[start:start + text_batch].astype(np.int32))
-      groups.append((_unimodal_features(self.model, self.params, group), group))
+      with sharding.axis_rules(self.mesh):  # as `in_chunks` runs the rest
+        groups.append((_unimodal_features(self.model, self.params, group), group))
 
     def run(chunk):
       context = _caption_tokens(self.model, self.params, chunk)

@@ -38,7 +38,7 @@ def _row_template(x: Any, prepare: Callable[[np.ndarray], np.ndarray]) -> tuple[
 
 
 def in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
-               batch_sharding: jax.sharding.Sharding,
+               batch_sharding: jax.sharding.NamedSharding,
                prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
   """fn over `inputs` in chunks of `chunk` rows (the last one zero-padded), concatenated.
 
@@ -47,7 +47,8 @@ def in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
   and only in the rows that this process's devices hold (`sharding.process_rows`): on a pod
   each host decodes its share of every chunk. `prepare` maps every input's rows as read.
   Each chunk becomes a global array split over the batch axes; every process gets the whole
-  output back (a tuple of outputs when `fn` returns a tuple).
+  output back (a tuple of outputs when `fn` returns a tuple). `fn` runs (and so is traced)
+  with the logical-axis rules in effect over the sharding's mesh.
   """
   inputs = inputs if isinstance(inputs, tuple) else (inputs,)
   prepare = prepare or (lambda x: x)
@@ -66,7 +67,9 @@ def in_chunks(fn: Callable[..., Any], inputs: Any, chunk: int,
                                     else np.asarray(x)[wanted])
       arrays.append(jax.make_array_from_process_local_data(batch_sharding, local,
                                                            (chunk, *shape)))
-    out = fn(*arrays)
+    # The model's activation constraints apply as in training (`sharding.axis_rules`).
+    with sharding.axis_rules(batch_sharding.mesh):
+      out = fn(*arrays)
     outputs.append(tuple(to_host(x)[:rows] for x in (out if isinstance(out, tuple) else (out,))))
   joined = tuple(np.concatenate(parts) for parts in zip(*outputs))
   return joined if isinstance(out, tuple) else joined[0]
