@@ -3,8 +3,8 @@ across both, and with `data=2, fsdp=4` whose fsdp axis crosses them (`mesh.dcn_f
 Each process must read the rows of the global batch its devices hold (all of them, or two
 separate quarters); losses and gradient norms equal the one-process run's. The launched run's
 workdir is a bucket (a GCS server on loopback, tests/gcs_server.py): with fsdp across the
-processes, each writes its own shards of the one checkpoint there, which restores whole in
-one process."""
+processes, or tensor across them, each writes its own shards of the one checkpoint there,
+which restores whole in one process."""
 
 import json
 import os
@@ -36,9 +36,8 @@ def _metrics(workdir):
 
 
 @pytest.mark.parametrize('mesh, spanning', [
-    # ({'tensor': 8}, {}) (each process reads every row) runs the same code; one case keeps
-    # the suite's time.
-    ({'data': 2, 'fsdp': 4}, {'mesh.dcn_fsdp': 2}),
+    ({'tensor': 8}, {}),  # each process reads every row of the batch
+    ({'data': 2, 'fsdp': 4}, {'mesh.dcn_fsdp': 2}),  # each reads its two quarters
 ])
 def test_axes_spanning_processes_train_like_one_process(mesh, spanning, tmp_path, bucket):
   config = _config(**mesh)
