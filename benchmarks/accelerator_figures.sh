@@ -27,8 +27,9 @@ python3 -c 'import jax; print(jax.__version__, jax.devices())'
 run small_bf16 python3 -m vlrep.bench --config=configs/coca.py:small \
     --config.model.dtype=bfloat16 --steps=10
 for batch in ${BASE_BATCHES:-256 128 64}; do
+  # mesh.fsdp=1: the paper configs shard parameters 128 ways, for pods.
   run "base_bf16_batch$batch" python3 -m vlrep.bench --config=configs/coca.py:base \
-      --config.batch_size="$batch" --steps=10 && break
+      --config.batch_size="$batch" --config.mesh.fsdp=1 --steps=10 && break
 done
 run attention_small_bf16 python3 benchmarks/attention_speed.py --variant=small --batch=64 \
     --dtype=bfloat16 --rounds=5

@@ -80,14 +80,20 @@ SIZES = {
 
 # Training recipes by field path: 'demo' is `defaults()` itself; 'paper' is CoCa's
 # pretraining recipe (batch 65,536, 500k steps, Adafactor, lr 8e-4, 2% warmup then linear
-# decay, bfloat16 compute) evaluated on the TFDS benchmarks.
+# decay, bfloat16 compute) evaluated on the TFDS benchmarks, laid out for a pod: parameters
+# sharded 128 ways (`mesh.fsdp`; 128 divides the three widths, 768 / 1024 / 1408, where 256
+# would not divide giant's), the rest of the devices on `data` (so at least 128 devices:
+# smaller runs set mesh.fsdp), layers scanned and rematerialised 'minimal'. Compiled for
+# the paper's 2,048 TPU v4 chips and other pods by `vlrep.plan` (README "Pod planning").
 RECIPES: dict[str, dict[str, Any]] = {
     'demo': {},
     'paper': {'batch_size': 65_536, 'total_steps': 500_000, 'checkpoint_every_steps': 5_000,
               'eval_every_steps': 10_000, 'evals': entries.benchmark_evals,
               'model.dtype': 'bfloat16', 'optim.name': 'adafactor',
               'optim.learning_rate': 8e-4, 'optim.warmup_steps': 10_000,
-              'optim.decay': 'linear', 'optim.weight_decay': 0.01, 'optim.b2': 0.999},
+              'optim.decay': 'linear', 'optim.weight_decay': 0.01, 'optim.b2': 0.999,
+              'mesh.data': -1, 'mesh.fsdp': 128, 'model.remat': 'minimal',
+              'model.scan_layers': True},
 }
 
 
