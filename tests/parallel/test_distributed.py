@@ -131,7 +131,7 @@ def _free_port() -> int:
 
 
 _PROGRAM = textwrap.dedent('''
-    import os
+    import os, sys
     from vlrep.parallel import distributed
     distributed.initialize()
     import jax, jax.numpy as jnp, numpy as np
@@ -143,8 +143,11 @@ _PROGRAM = textwrap.dedent('''
     x = jax.make_array_from_process_local_data(NamedSharding(mesh, P('d')), local, (4,))
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
     ids = multihost_utils.process_allgather(np.int32(pid))
-    print('RESULT', jax.process_count(), jax.device_count(), jax.local_device_count(),
-          float(total), ids.tolist(), flush=True)
+    # One write: unbuffered (PYTHONUNBUFFERED), print writes each argument on its own, and
+    # gloo's log lines on the shared stream could land between them.
+    sys.stdout.write(f'RESULT {jax.process_count()} {jax.device_count()} '
+                     f'{jax.local_device_count()} {float(total)} {ids.tolist()}\\n')
+    sys.stdout.flush()
     if os.environ.get('FAIL_PROCESS') == str(pid):
       raise RuntimeError('process %d fails on purpose' % pid)
     if os.environ.get('FAIL_PROCESS'):
