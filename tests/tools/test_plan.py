@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, load_config, override_flags
 from vlrep import train
+from vlrep.config import set_fields
 from vlrep.tools import flops, plan
 
 FIELDS = ('target', 'device_kind', 'device_count', 'mesh', 'param_bytes', 'opt_state_bytes',
@@ -103,9 +104,7 @@ def test_gpu_plan_gives_memory_and_no_xla_estimate():
     ('gpu:h200:1x2', {'mesh.dcn_data': 2}, 'the devices are 1 processes'),
 ])
 def test_impossible_target_fails_before_compiling(small, target, overrides, message):
-  for field, value in overrides.items():
-    section, name = field.split('.') if '.' in field else (None, field)
-    (small[section] if section else small)[name] = value
+  set_fields(small, overrides)
   with pytest.raises(plan.PlanError, match=message):
     plan.plan(small, target)
 
