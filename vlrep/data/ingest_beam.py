@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from array_record.python import array_record_module
 
@@ -85,7 +85,7 @@ def _shard_of(rank: int, num_shards: int | None) -> int:
   return rank % num_shards if num_shards else rank // ingest_output.RECORDS_PER_SHARD
 
 
-def _ranked(item: tuple[tuple, list], offsets: dict[tuple, int],
+def _ranked(item: tuple[tuple, Iterable], offsets: dict[tuple, int],
             num_shards: int | None) -> Iterator[tuple[int, tuple[int, bytes]]]:
   block, records = item
   for within, (_, record) in enumerate(sorted(records, key=lambda r: r[0])):
@@ -93,7 +93,7 @@ def _ranked(item: tuple[tuple, list], offsets: dict[tuple, int],
     yield _shard_of(rank, num_shards), (rank, record)
 
 
-def _write_shard(item: tuple[int, list], output_dir: str, offsets: dict[tuple, int],
+def _write_shard(item: tuple[int, Iterable], output_dir: str, offsets: dict[tuple, int],
                  num_shards: int | None) -> str:
   shard, records = item
   name = f'data-{shard:05d}-of-{shard_count(offsets[()], num_shards):05d}.array_record'
