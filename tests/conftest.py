@@ -75,13 +75,19 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def mesh_of(devices=None, **axes):
+  """A mesh over `devices` (default: all) with the given axis sizes, the others 1."""
+  from vlrep.parallel import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.make_mesh(ml_collections.ConfigDict(
+      {'data': 1, 'fsdp': 1, 'tensor': 1, **axes}), devices)
+
+
 def pretrained_on_mesh(config, params, abstract, mesh_axes, devices=None, batch_size=8):
   """`params` placed on a mesh (`mesh_axes` over data=fsdp=tensor=1) as training places them
   (`abstract`: their boxed shapes), in a `Pretrained` with chunks of `batch_size`."""
   from vlrep.parallel import sharding  # pylint: disable=g-import-not-at-top
   from vlrep.pretrained import Pretrained  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(
-      {'data': 1, 'fsdp': 1, 'tensor': 1, **mesh_axes}), devices)
+  mesh = mesh_of(devices, **mesh_axes)
   placed = jax.device_put(params, sharding.logical_shardings(abstract, mesh))
   return Pretrained(config, placed, batch_size=batch_size, mesh=mesh)
 

@@ -110,13 +110,6 @@ def test_chunked_caption_loss_gives_the_unchunked_losses_and_gradients(config, m
                grads5, grads0)
 
 
-def _sgd_state(config, learning_rate, devices=None):
-  """The config's state with plain SGD (its schedule constant), so an update is -lr * grad."""
-  state, _ = _state(config, devices or jax.devices()[:1])
-  sgd = optax.sgd(lambda count: learning_rate)
-  return state.replace(tx=sgd, opt_state=sgd.init(state.params))
-
-
 def test_temperature_at_its_bound_stays_trainable_and_clamped(config):
   """A log-scale sitting at ln 100 still has a gradient: descending it (the loss of a
   random model wants a lower scale) moves it below the bound; ascending stays clamped at

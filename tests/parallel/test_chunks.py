@@ -5,20 +5,15 @@ trace the model as training does)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from conftest import mesh_of
 from vlrep.models.build import build_model, init_params
 from vlrep.parallel import chunks, sharding
 
 
-def _mesh(devices, **axes):
-  return sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1, **axes}),
-                            devices)
-
-
 def test_chunks_padded_and_run_under_the_rules():
-  mesh = _mesh(jax.devices()[:4], data=2, fsdp=2)
+  mesh = mesh_of(jax.devices()[:4], data=2, fsdp=2)
   seen = []
 
   def fn(x):
@@ -46,7 +41,7 @@ def test_a_model_traced_in_chunks_carries_its_activation_constraints(config):
   def fn(images):
     lowered.append(encode.lower(params, images).as_text())
     return encode(params, images)
-  mesh = _mesh(jax.devices(), data=2, fsdp=2, tensor=2)
+  mesh = mesh_of(data=2, fsdp=2, tensor=2)
   images = np.zeros((8, 16, 16, 3), np.uint8)
   out = chunks.in_chunks(fn, images, 8, sharding.batch_sharding(mesh))
   assert out.shape == (8, config.model.embed_dim)
